@@ -1,0 +1,156 @@
+"""Typed view of params.yaml: every section is validated on load, unknown keys are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(Section):
+    n_train: PositiveInt = 120
+    n_val: PositiveInt = 30
+    height: Annotated[int, Field(ge=32)] = 128
+    width: Annotated[int, Field(ge=32)] = 128
+    seed: int = 0
+
+
+class DatasetConfig(Section):
+    name: Literal["synthetic"] = "synthetic"
+    # Where the dataset lives; null means the download stage's own output folder.
+    root: str | None = None
+    n_classes: Annotated[int, Field(ge=2, le=255)] = 6
+    ignore_label: Annotated[int, Field(ge=0, le=255)] = 255
+    mean_bgr: tuple[float, float, float] = (104.008, 116.669, 122.675)
+    train_split: str = "train"
+    val_split: str = "val"
+    # COCO-Stuff 10k is evaluated on images and labels warped to a square of this size (reference protocol).
+    warp_size: PositiveInt | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(Section):
+    # Bottleneck blocks per stage (res2..res5): ResNet-101 is [3, 4, 23, 3].
+    n_blocks: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (3, 4, 23, 3)
+    # Stem width; stage outputs are 4x, 8x, 16x and 32x this (64 gives the real 256..2048).
+    width: PositiveInt = 64
+    atrous_rates: tuple[PositiveInt, ...] = (6, 12, 18, 24)
+    # Extra input scales fused by max with the 1x output (MSC); empty disables multi-scale.
+    scales: tuple[PositiveFloat, ...] = (0.5, 0.75)
+
+
+class InitConfig(Section):
+    source: Literal["scratch", "caffemodel", "checkpoint"] = "scratch"
+    # caffemodel: a local .caffemodel file, or null to download the DeepLab release; checkpoint: a .pt/.pth file.
+    path: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> InitConfig:
+        if self.source == "checkpoint" and not self.path:
+            raise ValueError("init.path is required when init.source is 'checkpoint'")
+        return self
+
+
+class TrainConfig(Section):
+    device: Device = "auto"
+    iterations: PositiveInt = 20000
+    batch_size: PositiveInt = 5
+    iter_size: PositiveInt = 2
+    lr: PositiveFloat = 2.5e-4
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    poly_power: Annotated[float, Field(ge=0)] = 0.9
+    lr_step: PositiveInt = 10
+    crop_size: PositiveInt = 321
+    scales: tuple[PositiveFloat, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    flip: bool = True
+    freeze_bn: bool = True
+    num_workers: NonNegInt = 0
+    seed: int = 0
+    deterministic: bool = False
+    checkpoint_every: PositiveInt = 1000
+    log_every: PositiveInt = 10
+    # CUDA fast path: bf16 autocast and channels_last (ignored on CPU).
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+
+
+class LogitsConfig(Section):
+    device: Device = "auto"
+    num_workers: NonNegInt = 0
+    amp: bool = True
+
+
+class CrfConfig(Section):
+    iterations: PositiveInt = 10
+    pos_xy_std: PositiveFloat = 1.0
+    pos_w: Annotated[float, Field(ge=0)] = 3.0
+    bi_xy_std: PositiveFloat = 67.0
+    bi_rgb_std: PositiveFloat = 3.0
+    bi_w: Annotated[float, Field(ge=0)] = 4.0
+    # null: all cores, capped by available memory.
+    n_jobs: PositiveInt | None = None
+    # Reproduce the reference's bug of feeding the mean-subtracted BGR image cast to uint8 (parity checks only).
+    reference_image_quirk: bool = False
+
+
+class EvaluateConfig(Section):
+    # Validation images shown in the prediction grid.
+    n_examples: NonNegInt = 4
+
+
+class Params(Section):
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    init: InitConfig = InitConfig()
+    train: TrainConfig = TrainConfig()
+    logits: LogitsConfig = LogitsConfig()
+    crf: CrfConfig = CrfConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_describe(e, path)) from None

@@ -1,0 +1,56 @@
+"""Multi-scale inference: per-image logits at output stride 8 stored as float16, and the raw (no-CRF)
+label maps from upsampling them to the image size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deeplab.data import SegmentationDataset, write_label
+from deeplab.files import atomic_path
+
+
+def upsample_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) stride-8 logits -> (C, H, W) float32 softmax probabilities at image size (bilinear,
+    align_corners=False, as the reference)."""
+    up = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return torch.softmax(up, dim=0)
+
+
+def save_logits(path: Path, logits: torch.Tensor) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, logits.cpu().numpy().astype(np.float16))
+
+
+def load_logits(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.load(path).astype(np.float32))
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, image: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """Max-fused multi-scale logits (1, C, h8, w8) for one mean-subtracted BGR image (1, 3, H, W)."""
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp):
+        return model(image).float()
+
+
+def dump_logits(model: nn.Module, dataset: SegmentationDataset, logits_dir: Path, pred_dir: Path,
+                device: torch.device, num_workers: int = 0, amp: bool = False,
+                indices: Iterable[int] | None = None) -> int:
+    """Write ``<id>.npy`` (float16 stride-8 logits) and ``<id>.png`` (raw argmax) for each image."""
+    model.eval().to(device)
+    subset = list(indices) if indices is not None else list(range(len(dataset)))
+    loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=1, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    for image, label, (image_id,) in tqdm(loader, desc="logits", unit="img"):
+        logits = predict_logits(model, image.to(device, non_blocking=True), amp)[0]
+        save_logits(logits_dir / f"{image_id}.npy", logits)
+        probs = upsample_probs(logits, tuple(label.shape[-2:]))
+        write_label(pred_dir / f"{image_id}.png", probs.argmax(0).to(torch.uint8).cpu().numpy())
+    return len(subset)

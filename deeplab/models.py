@@ -1,0 +1,187 @@
+"""DeepLab v2: Caffe-style dilated ResNet + ASPP (summed), wrapped in the multi-scale (MSC) max fusion.
+
+Module names follow the reference implementation, so its released weights (keys ``base.layer*``,
+``base.aspp.c*``) load without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-5
+
+
+class ConvBnReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, dilation: int,
+                 relu: bool = True) -> None:
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(cout, eps=BN_EPS, momentum=0.001))
+        if relu:
+            self.add_module("relu", nn.ReLU())
+
+
+class Bottleneck(nn.Module):
+    """MSRA/Caffe bottleneck: the stride sits on the first 1x1 conv, not on the 3x3."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dilation: int, downsample: bool) -> None:
+        super().__init__()
+        mid = cout // 4
+        self.reduce = ConvBnReLU(cin, mid, 1, stride, 0, 1)
+        self.conv3x3 = ConvBnReLU(mid, mid, 3, 1, dilation, dilation)
+        self.increase = ConvBnReLU(mid, cout, 1, 1, 0, 1, relu=False)
+        self.shortcut = ConvBnReLU(cin, cout, 1, stride, 0, 1, relu=False) if downsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.increase(self.conv3x3(self.reduce(x))) + self.shortcut(x))
+
+
+def res_layer(n_blocks: int, cin: int, cout: int, stride: int, dilation: int) -> nn.Sequential:
+    layer = nn.Sequential()
+    for i in range(n_blocks):
+        first = i == 0
+        layer.add_module(f"block{i + 1}", Bottleneck(cin if first else cout, cout, stride if first else 1,
+                                                      dilation, downsample=first))
+    return layer
+
+
+def stem(width: int) -> nn.Sequential:
+    s = nn.Sequential()
+    s.add_module("conv1", ConvBnReLU(3, width, 7, 2, 3, 1))
+    s.add_module("pool", nn.MaxPool2d(3, 2, padding=1, ceil_mode=True))
+    return s
+
+
+class ASPP(nn.Module):
+    """Four parallel dilated 3x3 convs whose outputs are summed (DeepLab v2, not v3's concat)."""
+
+    def __init__(self, cin: int, n_classes: int, rates: Sequence[int]) -> None:
+        super().__init__()
+        for i, r in enumerate(rates):
+            self.add_module(f"c{i}", nn.Conv2d(cin, n_classes, 3, padding=r, dilation=r, bias=True))
+        for m in self.children():
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(stage(x) for stage in self.children())
+
+
+class DeepLabV2(nn.Sequential):
+    """Output stride 8: res4 and res5 keep resolution with dilation 2 and 4."""
+
+    def __init__(self, n_classes: int, n_blocks: Sequence[int] = (3, 4, 23, 3), width: int = 64,
+                 atrous_rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        ch = [width * 4, width * 8, width * 16, width * 32]
+        self.add_module("layer1", stem(width))
+        self.add_module("layer2", res_layer(n_blocks[0], width, ch[0], 1, 1))
+        self.add_module("layer3", res_layer(n_blocks[1], ch[0], ch[1], 2, 1))
+        self.add_module("layer4", res_layer(n_blocks[2], ch[1], ch[2], 1, 2))
+        self.add_module("layer5", res_layer(n_blocks[3], ch[2], ch[3], 1, 4))
+        self.add_module("aspp", ASPP(ch[3], n_classes, atrous_rates))
+
+
+class MSC(nn.Module):
+    """Multi-scale inputs: the base runs at 1x and each extra scale, outputs are resized to the 1x logits
+    and max-fused. Training returns ``[1x, *scales, max]`` (every one gets a loss); eval returns the max."""
+
+    def __init__(self, base: nn.Module, scales: Sequence[float] = (0.5, 0.75)) -> None:
+        super().__init__()
+        self.base = base
+        self.scales = tuple(scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        logits = self.base(x)
+        size = logits.shape[-2:]
+        pyramid = [self.base(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False))
+                   for s in self.scales]
+        fused = torch.stack(
+            [logits] + [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pyramid]
+        ).amax(dim=0)
+        if self.training:
+            return [logits, *pyramid, fused]
+        return fused
+
+
+def build_model(n_classes: int, n_blocks: Sequence[int] = (3, 4, 23, 3), width: int = 64,
+                atrous_rates: Sequence[int] = (6, 12, 18, 24),
+                scales: Sequence[float] = (0.5, 0.75)) -> MSC:
+    return MSC(DeepLabV2(n_classes, n_blocks, width, atrous_rates), scales)
+
+
+def init_from_scratch(model: nn.Module, seed: int) -> None:
+    """Seeded He initialisation of the backbone; ASPP keeps DeepLab's N(0, 0.01)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and ".aspp." not in f".{name}.":
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            with torch.no_grad():
+                m.weight.normal_(0, (2.0 / fan_out) ** 0.5, generator=gen)
+        elif isinstance(m, nn.Conv2d):
+            with torch.no_grad():
+                m.weight.normal_(0, 0.01, generator=gen)
+                m.bias.zero_()
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode and stop its affine parameters from learning (DeepLab v2)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+
+
+def output_size(size: int) -> int:
+    """Logit size for an input side of ``size`` (conv1 stride 2, ceil-mode pool, res3 stride 2)."""
+    size = (size + 2 * 3 - 7) // 2 + 1
+    size = -(-(size + 2 - 3) // 2) + 1
+    return (size - 1) // 2 + 1
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file: a plain state dict or a checkpoint holding one under ``model``.
+    Loaded with ``weights_only=True``: no pickled code runs."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: weights file not found") from None
+    except Exception as e:  # torch raises several types for non-checkpoint files
+        raise ValueError(f"{path}: not a PyTorch weights file ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load ``path`` into ``model``. Every backbone tensor must be present with the right shape; ASPP
+    tensors of another shape (a different class count) are left at their fresh initialisation.
+    Returns the names of the tensors left fresh."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    fresh, problems = [], []
+    for name, ref in own.items():
+        src = state.get(name)
+        is_head = ".aspp." in name
+        if src is None or src.shape != ref.shape:
+            if is_head:
+                fresh.append(name)
+            elif src is None:
+                problems.append(f"{name}: missing")
+            else:
+                problems.append(f"{name}: shape {tuple(src.shape)}, model needs {tuple(ref.shape)}")
+    extra = sorted(set(state) - set(own))
+    if problems or extra:
+        detail = "; ".join(problems[:5] + [f"unexpected {k}" for k in extra[:5]])
+        raise ValueError(f"{path}: weights do not fit the model ({len(problems)} problems, "
+                         f"{len(extra)} unexpected keys): {detail}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    return fresh

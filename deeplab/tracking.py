@@ -1,0 +1,100 @@
+"""MLflow tracking shared by the stages.
+
+Store: ``MLFLOW_TRACKING_URI`` if exported, else SQLite at the repository root (``DVC_ROOT`` inside DVC
+experiment temp copies, so temp runs land in the main store). Every stage run is a child of one parent
+run per pipeline execution, keyed by git commit, DVC experiment and params.yaml content, and carries
+the same tags, so the runs of one ``dvc repro`` sit together in the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "deeplab"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def file_md5(path: str | Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _experiment_id(client: Any) -> str:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    uri = tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database, absolute, so temp-copy runs do not write into a deleted folder.
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Any]:
+    """Start the MLflow child run of ``stage`` under this pipeline execution's parent run; log ``params``
+    (the sections the stage uses) flattened. Yields the ``mlflow`` module with the run active."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    exp_id = _experiment_id(client)
+    commit = git_commit()
+    exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
+    params_file = Path("params.yaml")
+    params_hash = file_md5(params_file)[:12] if params_file.exists() else "none"
+    key = f"{commit[:12]}-{exp_name}-{params_hash}"
+    tags = {"deeplab.pipeline": key, "git.commit": commit, "dvc.exp_name": exp_name}
+    found = client.search_runs([exp_id], filter_string=f"tags.`deeplab.pipeline` = '{key}' and "
+                               "tags.`deeplab.role` = 'pipeline'", max_results=1)
+    if found:
+        parent_id = found[0].info.run_id
+    else:
+        parent = client.create_run(exp_id, run_name=f"pipeline {key}", tags={**tags, "deeplab.role": "pipeline"})
+        parent_id = parent.info.run_id
+        client.set_terminated(parent_id)
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id,
+                          tags={**tags, "deeplab.role": "stage", "deeplab.stage": stage,
+                                "dvc.stage": os.environ.get("DVC_STAGE", stage)}):
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, list | tuple) else v
+                           for k, v in flatten(params).items()})
+        yield mlflow

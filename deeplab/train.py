@@ -1,0 +1,210 @@
+"""DeepLab v2 training: Caffe-equivalent parameter groups, stepped poly lr, multi-scale loss, gradient
+accumulation, frozen BatchNorm, and atomic checkpoints that resume with the same schedule and data order."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
+from deeplab.data import IGNORE, Augment, DrawSampler, SegmentationDataset
+from deeplab.files import atomic_path, save_torch
+from deeplab.models import build_model, freeze_bn, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Caffe lr_mult / decay_mult of DeepLab v2: backbone conv weights 1x with decay, ASPP weights 10x with
+    decay, ASPP biases 20x without. Frozen (requires_grad False) parameters are left out; trainable BN
+    affine parameters (freeze_bn off) join the 1x group without decay."""
+    backbone, bn, head_w, head_b = [], [], [], []
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if ".aspp." in f".{mname}.":
+                (head_b if pname == "bias" else head_w).append(p)
+            elif isinstance(m, nn.Conv2d):
+                backbone.append(p)
+            else:
+                bn.append(p)
+    groups = [
+        {"name": "backbone", "params": backbone, "lr": lr, "weight_decay": weight_decay},
+        {"name": "aspp_weight", "params": head_w, "lr": 10 * lr, "weight_decay": weight_decay},
+        {"name": "aspp_bias", "params": head_b, "lr": 20 * lr, "weight_decay": 0.0},
+    ]
+    if bn:
+        groups.append({"name": "bn", "params": bn, "lr": lr, "weight_decay": 0.0})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return [g for g in groups if g["params"]]
+
+
+def poly_factor(iteration: int, iterations: int, power: float, step: int = 10) -> float:
+    """lr multiplier used at 1-based ``iteration``: (1 - t/T)^power with t updated every ``step`` iterations,
+    as the reference's PolynomialLR stepped after each optimiser step."""
+    t = step * ((iteration - 1) // step)
+    return (1 - t / iterations) ** power
+
+
+def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour with pixel-centre alignment (PIL's NEAREST), so labels stay aligned with logits."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
+
+
+def multi_scale_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor, ignore: int = IGNORE) -> torch.Tensor:
+    """Sum of the cross-entropies of every MSC output against labels shrunk to its size."""
+    return sum(F.cross_entropy(o.float(), resize_labels(labels, o.shape[-2:]), ignore_index=ignore)
+               for o in outputs)
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    final_loss: float
+    resumed_from: int
+
+
+def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list: Path, init_weights: Path,
+          out_weights: Path, checkpoint: Path, log_csv: Path,
+          on_log: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    seed_everything(tcfg.seed, tcfg.deterministic)
+    device = pick_device(tcfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = not tcfg.deterministic
+
+    model = build_model(dcfg.n_classes, mcfg.n_blocks, mcfg.width, mcfg.atrous_rates, mcfg.scales)
+    load_weights(model, init_weights)
+    model.to(device)
+    if cuda and tcfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    if tcfg.freeze_bn:
+        freeze_bn(model)
+    opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.weight_decay), lr=tcfg.lr, momentum=tcfg.momentum)
+
+    # A checkpoint is resumed only if it belongs to this exact configuration and initialisation.
+    key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
+                      _md5(init_weights), _md5(train_list))
+    start = 0
+    if checkpoint.exists():
+        ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
+        if ckpt.get("fingerprint") == key:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = int(ckpt["iteration"])
+            log.info("resuming from %s at iteration %d", checkpoint, start)
+        else:
+            log.info("ignoring %s: it was written for other params or init weights", checkpoint)
+    rows = _read_log(log_csv, start)
+
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr,
+                                  Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed))
+    per_iter = tcfg.batch_size * tcfg.iter_size
+    loader = DataLoader(dataset, batch_size=tcfg.batch_size,
+                        sampler=DrawSampler(len(dataset), tcfg.seed, start=start * per_iter),
+                        num_workers=tcfg.num_workers, pin_memory=cuda,
+                        persistent_workers=tcfg.num_workers > 0,
+                        prefetch_factor=4 if tcfg.num_workers > 0 else None)
+    batches = iter(loader)
+    step_fn = torch.compile(model) if (cuda and tcfg.compile) else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and tcfg.amp)
+
+    loss_value = float("nan")
+    bar = tqdm(range(start + 1, tcfg.iterations + 1), initial=start, total=tcfg.iterations, desc="train",
+               unit="it")
+    for it in bar:
+        factor = poly_factor(it, tcfg.iterations, tcfg.poly_power, tcfg.lr_step)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for _ in range(tcfg.iter_size):
+            images, labels, _ = next(batches)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if cuda and tcfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with amp:
+                outputs = step_fn(images)
+            loss = multi_scale_loss(outputs, labels, dcfg.ignore_label) / tcfg.iter_size
+            loss.backward()
+            total += loss.detach()
+        opt.step()
+        loss_value = float(total)
+        lr = opt.param_groups[0]["lr"]
+        rows.append((it, loss_value, lr))
+        if it % tcfg.log_every == 0 or it == tcfg.iterations:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if on_log is not None:
+                on_log(it, loss_value, lr)
+        if it % tcfg.checkpoint_every == 0 and it < tcfg.iterations:
+            _write_log(log_csv, rows)
+            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                        "fingerprint": key}, checkpoint)
+    _write_log(log_csv, rows)
+    save_torch(model.state_dict(), out_weights)
+    save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": tcfg.iterations,
+                "fingerprint": key}, checkpoint)
+    return TrainResult(tcfg.iterations, loss_value, start)
+
+
+def _md5(path: Path) -> str:
+    from deeplab.tracking import file_md5
+
+    return file_md5(path)
+
+
+def _read_log(path: Path, upto: int) -> list[tuple[int, float, float]]:
+    if upto == 0 or not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["iteration"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(f)
+                if int(r["iteration"]) <= upto]
+
+
+def _write_log(path: Path, rows: list[tuple[int, float, float]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["iteration", "loss", "lr"])
+        w.writerows((i, f"{loss:.6f}", f"{lr:.6g}") for i, loss, lr in rows)
