@@ -65,7 +65,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

@@ -6,7 +6,7 @@ Module names follow the reference implementation, so its released weights (keys 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -185,3 +185,26 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
                          f"{len(extra)} unexpected keys): {detail}")
     model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
     return fresh
+
+
+@torch.no_grad()
+def calibrate_bn(model: MSC, batches: Iterable[torch.Tensor]) -> int:
+    """Set every BatchNorm's running statistics to the cumulative batch statistics of ``batches``.
+
+    A from-scratch network has no statistics, and DeepLab freezes BN: without this, frozen identity BN
+    passes raw mean-subtracted pixels (about +-128) through and the first step diverges. Pretrained
+    (caffemodel) weights bring real statistics instead."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.base.train()
+    n = 0
+    for images in batches:
+        model.base(images)
+        n += images.shape[0]
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    model.eval()
+    return n

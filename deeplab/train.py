@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +24,12 @@ from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
 from deeplab.data import IGNORE, Augment, DrawSampler, SegmentationDataset
 from deeplab.files import atomic_path, save_torch
 from deeplab.models import build_model, freeze_bn, load_weights
+from deeplab.tracking import file_md5
 
 log = logging.getLogger(__name__)
+
+# Source files whose edits invalidate a checkpoint (the training loop, the model and the data pipeline).
+CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.py"))
 
 
 def pick_device(device: str) -> torch.device:
@@ -93,6 +97,15 @@ def multi_scale_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor, igno
                for o in outputs)
 
 
+def calibration_batches(train_list: Path, dcfg: DatasetConfig, crop_size: int, seed: int, n_batches: int = 8,
+                        batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """Unflipped random crops of training images at scale 1, for BatchNorm calibration."""
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(crop_size, (1.0,), False, seed))
+    sampler = iter(DrawSampler(len(dataset), seed))
+    for _ in range(min(n_batches, -(-len(dataset) // batch_size))):
+        yield torch.stack([dataset[next(sampler)][0] for _ in range(batch_size)])
+
+
 def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -123,20 +136,24 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         freeze_bn(model)
     opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.weight_decay), lr=tcfg.lr, momentum=tcfg.momentum)
 
-    # A checkpoint is resumed only if it belongs to this exact configuration and initialisation.
+    # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code.
     key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
-                      _md5(init_weights), _md5(train_list))
-    start = 0
+                      *(file_md5(f) for f in (init_weights, train_list, *CODE)))
+    start, rows = 0, []
     if checkpoint.exists():
         ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
         if ckpt.get("fingerprint") == key:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            start = int(ckpt["iteration"])
+            start, rows = int(ckpt["iteration"]), [tuple(r) for r in ckpt["log"].tolist()]
+            rows = [(int(i), loss, lr) for i, loss, lr in rows]
             log.info("resuming from %s at iteration %d", checkpoint, start)
         else:
-            log.info("ignoring %s: it was written for other params or init weights", checkpoint)
-    rows = _read_log(log_csv, start)
+            log.info("ignoring %s: it was written for other params, init weights, data or code", checkpoint)
+
+    def save_checkpoint(it: int) -> None:
+        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                    "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64)}, checkpoint)
 
     dataset = SegmentationDataset(train_list, dcfg.mean_bgr,
                                   Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed))
@@ -178,29 +195,13 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if on_log is not None:
                 on_log(it, loss_value, lr)
-        if it % tcfg.checkpoint_every == 0 and it < tcfg.iterations:
-            _write_log(log_csv, rows)
-            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                        "fingerprint": key}, checkpoint)
+        if it % tcfg.checkpoint_every == 0 or it == tcfg.iterations:
+            save_checkpoint(it)
     _write_log(log_csv, rows)
     save_torch(model.state_dict(), out_weights)
-    save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": tcfg.iterations,
-                "fingerprint": key}, checkpoint)
+    if rows:
+        loss_value = rows[-1][1]
     return TrainResult(tcfg.iterations, loss_value, start)
-
-
-def _md5(path: Path) -> str:
-    from deeplab.tracking import file_md5
-
-    return file_md5(path)
-
-
-def _read_log(path: Path, upto: int) -> list[tuple[int, float, float]]:
-    if upto == 0 or not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [(int(r["iteration"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(f)
-                if int(r["iteration"]) <= upto]
 
 
 def _write_log(path: Path, rows: list[tuple[int, float, float]]) -> None:
