@@ -1,0 +1,38 @@
+# Two entry points: `make repro` (set up, then run the default pipeline) and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
+STAMP  := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup repro test lint lock mlflow-ui clean
+
+setup: $(STAMP)
+
+# Everything comes from requirements.lock (exact versions); pyproject.toml holds the ranges it was solved from.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q uv==0.13.8
+	$(UV) pip install --python $(PY) -q -r requirements.lock
+	$(UV) pip install --python $(PY) -q --no-deps -e .
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	ruff check .
+	pytest -q
+
+lint: setup
+	ruff check .
+
+lock: setup
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+mlflow-ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

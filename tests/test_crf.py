@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from deeplab.config import CrfConfig
+from deeplab.crf import choose_n_jobs, dense_crf, reference_quirk_image, run_crf, worker_memory
+from deeplab.data import Item, read_label
+from deeplab.infer import load_logits, save_logits
+
+
+def two_region_case(h=64, w=64):
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[:, w // 2:] = (200, 40, 40)
+    rgb[:, : w // 2] = (30, 30, 160)
+    truth = np.zeros((h, w), np.uint8)
+    truth[:, w // 2:] = 1
+    rng = np.random.default_rng(0)
+    probs = np.where(truth[None] == np.arange(2)[:, None, None], 0.6, 0.4).astype(np.float32)
+    flip = rng.random((h, w)) < 0.25  # a quarter of the pixels get the wrong class from the unary
+    probs[:, flip] = probs[::-1, flip]
+    return rgb, truth, probs
+
+
+def test_dense_crf_cleans_noise_along_colour_edges():
+    rgb, truth, probs = two_region_case()
+    before = (probs.argmax(0) == truth).mean()
+    after = (dense_crf(probs, rgb, CrfConfig()) == truth).mean()
+    assert before < 0.8 and after > 0.99
+
+
+def test_reference_quirk_wraps_negatives():
+    rgb = np.array([[[0, 117, 255]]], np.uint8)  # R, G, B
+    out = reference_quirk_image(rgb, (104.008, 116.669, 122.675))
+    # BGR - mean = (150.992, 0.331, -122.675) -> trunc -> (150, 0, -122) -> low byte (150, 0, 134)
+    assert out[0, 0].tolist() == [150, 0, 134]
+
+
+def test_n_jobs_capped_by_memory(monkeypatch, caplog):
+    import logging
+
+    import deeplab.crf as crf
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(crf, "available_memory", lambda: 5 * worker_memory(182, 513, 513) // 2)
+    assert choose_n_jobs(64, 182, 513, 513) == 2
+    assert "capping n_jobs from 64 to 2" in caplog.text
+    assert worker_memory(182, 513, 513) / 2**30 == pytest.approx(2.0, rel=0.25)
+
+
+def test_run_crf_writes_maps_and_skips_done(tmp_path):
+    from PIL import Image
+
+    rgb, truth, probs = two_region_case(48, 48)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    logits = torch.from_numpy(np.log(probs[:, ::8, ::8].copy()))
+    save_logits(tmp_path / "logits" / "a.npy", logits)
+    assert np.load(tmp_path / "logits" / "a.npy").dtype == np.float16
+    assert load_logits(tmp_path / "logits" / "a.npy").shape == (2, 6, 6)
+    items = [Item("a", tmp_path / "a.png", tmp_path / "a.png")]
+    assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 1
+    assert read_label(tmp_path / "out" / "a.png").shape == (48, 48)
+    assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 0

@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplab import synthetic
+from deeplab.data import (
+    PALETTE,
+    Augment,
+    DataError,
+    DrawSampler,
+    Item,
+    SegmentationDataset,
+    augment,
+    prepare_lists,
+    read_image,
+    read_label,
+    read_list,
+    to_input,
+    voc_layout_items,
+    write_label,
+    write_list,
+)
+
+
+def test_palette_is_the_voc_colour_map():
+    assert PALETTE[0].tolist() == [0, 0, 0]
+    assert PALETTE[1].tolist() == [128, 0, 0]
+    assert PALETTE[15].tolist() == [192, 128, 128]  # person
+    assert PALETTE[255].tolist() == [224, 224, 192]  # void
+
+
+def test_real_voc_labels_decode_by_palette_index(voc_fixtures):
+    a = read_label(voc_fixtures / "SegmentationClass" / "2007_000032.png")
+    b = read_label(voc_fixtures / "SegmentationClass" / "2007_000033.png")
+    assert a.shape == (281, 500) and b.shape == (366, 500)
+    assert set(np.unique(a).tolist()) == {0, 1, 15, 255}
+    assert set(np.unique(b).tolist()) == {0, 1, 255}
+    # The colour of an aeroplane pixel is the palette's colour 1, proving we read indices, not RGB.
+    rgb = np.asarray(Image.open(voc_fixtures / "SegmentationClass" / "2007_000032.png").convert("RGB"))
+    assert rgb[a == 1][0].tolist() == PALETTE[1].tolist()
+    image = read_image(voc_fixtures / "JPEGImages" / "2007_000032.jpg")
+    assert image.shape == (281, 500, 3) and image.dtype == np.uint8
+
+
+def test_label_roundtrip_and_rgb_label_rejected(tmp_path):
+    lab = np.array([[0, 3], [255, 1]], np.uint8)
+    write_label(tmp_path / "l.png", lab)
+    assert np.array_equal(read_label(tmp_path / "l.png"), lab)
+    Image.new("RGB", (2, 2)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match="rgb.png: label must be a palette or grayscale"):
+        read_label(tmp_path / "rgb.png")
+
+
+def test_corrupt_and_missing_image_named(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(DataError, match="bad.jpg: cannot read image"):
+        read_image(tmp_path / "bad.jpg")
+    with pytest.raises(DataError, match="nope.jpg: image file not found"):
+        read_image(tmp_path / "nope.jpg")
+
+
+def test_read_image_converts_gray_and_rgba(tmp_path):
+    Image.new("L", (5, 4), 7).save(tmp_path / "g.png")
+    Image.new("RGBA", (5, 4), (1, 2, 3, 4)).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "g.png").shape == (4, 5, 3)
+    assert read_image(tmp_path / "a.png")[0, 0].tolist() == [1, 2, 3]
+
+
+def test_to_input_is_bgr_minus_mean():
+    rgb = np.array([[[10, 20, 30]]], np.uint8)
+    x = to_input(rgb, (1.0, 2.0, 3.0))
+    assert x[:, 0, 0].tolist() == [29.0, 18.0, 7.0]
+
+
+def test_augment_pads_with_mean_and_ignore_then_crops():
+    image = torch.ones(3, 10, 12)
+    label = np.ones((10, 12), np.uint8)
+    out_i, out_l = augment(image, label, Augment(16, (1.0,), False, 0), np.random.default_rng(0))
+    assert out_i.shape == (3, 16, 16) and out_l.shape == (16, 16)
+    assert (out_i[:, 10:, :] == 0).all() and (out_l[10:, :] == 255).all()
+    assert (out_l[:10, :12] == 1).all()
+
+
+def test_augment_scale_keeps_labels_nearest():
+    label = np.zeros((20, 20), np.uint8)
+    label[:, 10:] = 4
+    _, out = augment(torch.zeros(3, 20, 20), label, Augment(10, (0.5,), False, 0), np.random.default_rng(1))
+    assert set(np.unique(out).tolist()) == {0, 4}
+    assert (out[:, :5] == 0).all() and (out[:, 5:] == 4).all()
+
+
+def test_draw_sampler_replays_from_any_point():
+    full = [x for _, x in zip(range(25), DrawSampler(7, seed=3), strict=False)]
+    resumed = [x for _, x in zip(range(15), DrawSampler(7, seed=3, start=10), strict=False)]
+    assert resumed == full[10:]
+    assert sorted(i for i, _ in full[:7]) == list(range(7))  # each epoch is a permutation
+    assert [d for _, d in full] == list(range(25))
+
+
+def test_synthetic_is_deterministic_and_voc_layout(tmp_path):
+    synthetic.generate(tmp_path / "a", 3, 2, 48, 40, 6, seed=5)
+    synthetic.generate(tmp_path / "b", 3, 2, 48, 40, 6, seed=5)
+    for rel in ["JPEGImages/train_00002.jpg", "SegmentationClass/val_00001.png"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    items = voc_layout_items(tmp_path / "a", "train")
+    assert [it.image_id for it in items] == ["train_00000", "train_00001", "train_00002"]
+    lab = read_label(items[0].label)
+    assert lab.shape == (48, 40)
+    assert set(np.unique(lab).tolist()) <= set(range(6)) | {255}
+    assert Image.open(items[0].label).mode == "P"
+
+
+def test_synthetic_has_several_classes_and_real_edges(tmp_path):
+    rng = np.random.default_rng([0, 0, 1])
+    image, label = synthetic.make_sample(96, 96, 6, rng)
+    assert len(set(np.unique(label).tolist()) - {0, 255}) >= 1
+    # colour differs across the object boundary: the CRF has edges to follow
+    inside, outside = image[(label > 0) & (label < 255)].mean(0), image[label == 0].mean(0)
+    assert np.abs(inside - outside).max() > 15
+    with pytest.raises(ValueError, match="dataset.n_classes"):
+        synthetic.generate(tmp_path, 1, 1, 32, 32, 40, 0)
+
+
+def test_prepare_lists_and_missing_file_named(tmp_path):
+    synthetic.generate(tmp_path / "raw", 2, 1, 32, 32, 4, seed=0)
+    counts = prepare_lists("synthetic", tmp_path / "raw", ["train", "val"], tmp_path / "lists")
+    assert counts == {"train": 2, "val": 1}
+    ds = SegmentationDataset(tmp_path / "lists" / "train.txt", (104.0, 117.0, 123.0))
+    image, label, image_id = ds[1]
+    assert image.shape == (3, 32, 32) and label.dtype == torch.int64 and image_id == "train_00001"
+    (tmp_path / "raw" / "JPEGImages" / "val_00000.jpg").unlink()
+    with pytest.raises(DataError, match="val_00000.jpg"):
+        prepare_lists("synthetic", tmp_path / "raw", ["val"], tmp_path / "lists")
+    with pytest.raises(DataError, match="split list not found"):
+        voc_layout_items(tmp_path / "raw", "test")
+
+
+def test_list_roundtrip_and_bad_list(tmp_path):
+    items = [Item("a b", tmp_path / "x y.jpg", tmp_path / "l.png")]
+    write_list(tmp_path / "l.txt", items)
+    assert read_list(tmp_path / "l.txt") == items
+    (tmp_path / "bad.txt").write_text("only\ttwo\n")
+    with pytest.raises(DataError, match="bad.txt:1: expected 3"):
+        read_list(tmp_path / "bad.txt")

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from deeplab.models import MSC, build_model, calibrate_bn, freeze_bn, init_from_scratch, load_weights, output_size
+
+
+@pytest.mark.parametrize("size,expected", [(321, 41), (513, 65), (240, 31), (160, 21)])
+def test_output_stride_8_sizes_match_reference(size, expected):
+    assert output_size(size) == expected
+
+
+def test_resnet101_layout_and_keys():
+    model = build_model(21)
+    sd = model.state_dict()
+    # ResNet-101 blocks per stage, Caffe-style stride on the first 1x1 of res3.
+    assert len([k for k in sd if k.startswith("base.layer4.") and k.endswith("reduce.conv.weight")]) == 23
+    assert model.base.layer3.block1.reduce.conv.stride == (2, 2)
+    assert model.base.layer3.block1.conv3x3.conv.stride == (1, 1)
+    assert model.base.layer4.block1.conv3x3.conv.dilation == (2, 2)
+    assert model.base.layer5.block3.conv3x3.conv.dilation == (4, 4)
+    assert [model.base.aspp.get_submodule(f"c{i}").dilation for i in range(4)] == [(r, r) for r in (6, 12, 18, 24)]
+    assert sd["base.aspp.c3.weight"].shape == (21, 2048, 3, 3)
+    assert model.base.layer1.pool.ceil_mode
+
+
+def test_small_model_shapes_and_msc_outputs():
+    model = build_model(5, (1, 1, 1, 1), 8)
+    x = torch.randn(2, 3, 97, 97)
+    model.train()
+    outs = model(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(13, 13), (7, 7), (10, 10), (13, 13)]
+    model.eval()
+    with torch.no_grad():
+        fused = model(x)
+        one = model.base(x)
+    assert fused.shape == (2, 5, 13, 13)
+    assert torch.all(fused >= one - 1e-6)
+
+
+def test_msc_fuses_by_elementwise_max():
+    class Const(torch.nn.Module):
+        def forward(self, x):  # logits that depend on the input scale only through its size
+            return torch.full((x.shape[0], 2, 4, 4), float(x.shape[-1]))
+
+    msc = MSC(Const(), (0.5, 0.75)).eval()
+    out = msc(torch.zeros(1, 3, 32, 32))
+    assert torch.all(out == 32.0)  # the 1x output is the largest
+    msc.train()
+    assert len(msc(torch.zeros(1, 3, 32, 32))) == 4
+
+
+def test_aspp_is_summed_not_concatenated():
+    model = build_model(3, (1, 1, 1, 1), 8).eval()
+    feats = torch.randn(1, 256, 5, 5)
+    aspp = model.base.aspp
+    expected = sum(aspp.get_submodule(f"c{i}")(feats) for i in range(4))
+    assert torch.allclose(aspp(feats), expected)
+
+
+def test_scratch_init_is_seeded_and_calibration_normalises():
+    a, b = build_model(4, (1, 1, 1, 1), 8), build_model(4, (1, 1, 1, 1), 8)
+    init_from_scratch(a, 3)
+    init_from_scratch(b, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    images = [torch.randn(4, 3, 49, 49) * 60 for _ in range(3)]
+    assert calibrate_bn(a, images) == 12
+    bn1 = a.base.layer1.conv1.bn
+    assert bn1.running_var.mean() > 100  # raw-pixel scale inputs measured, so frozen BN normalises them
+
+
+def test_freeze_bn_keeps_eval_and_no_grad():
+    model = build_model(4, (1, 1, 1, 1), 8)
+    model.train()
+    freeze_bn(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not m.training and not m.weight.requires_grad for m in bns)
+
+
+def test_load_weights_fresh_head_on_class_mismatch(tmp_path):
+    src = build_model(7, (1, 1, 1, 1), 8)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    dst = build_model(4, (1, 1, 1, 1), 8)
+    fresh = load_weights(dst, tmp_path / "w.pt")
+    assert sorted(fresh) == sorted(f"base.aspp.c{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    assert torch.equal(dst.base.layer2.block1.reduce.conv.weight, src.base.layer2.block1.reduce.conv.weight)
+
+
+def test_load_weights_rejects_missing_backbone_and_garbage(tmp_path):
+    model = build_model(4, (1, 1, 1, 1), 8)
+    sd = model.state_dict()
+    del sd["base.layer3.block1.reduce.conv.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="layer3.block1.reduce.conv.weight: missing"):
+        load_weights(model, tmp_path / "partial.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a PyTorch weights file"):
+        load_weights(model, tmp_path / "junk.pt")

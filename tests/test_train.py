@@ -1,0 +1,124 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
+from deeplab.data import write_list
+from deeplab.models import build_model, init_from_scratch
+from deeplab.train import multi_scale_loss, param_groups, poly_factor, resize_labels, train
+
+
+def test_param_groups_follow_caffe_multipliers():
+    model = build_model(5, (1, 1, 1, 1), 8)
+    model.train()
+    from deeplab.models import freeze_bn
+
+    freeze_bn(model)
+    groups = {g["name"]: g for g in param_groups(model, 2.5e-4, 5e-4)}
+    assert set(groups) == {"backbone", "aspp_weight", "aspp_bias"}
+    assert groups["backbone"]["lr"] == 2.5e-4 and groups["backbone"]["weight_decay"] == 5e-4
+    assert groups["aspp_weight"]["lr"] == pytest.approx(2.5e-3) and groups["aspp_weight"]["weight_decay"] == 5e-4
+    assert groups["aspp_bias"]["lr"] == pytest.approx(5e-3) and groups["aspp_bias"]["weight_decay"] == 0
+    n_conv = sum(1 for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and "aspp" not in n)
+    assert len(groups["backbone"]["params"]) == n_conv
+    assert len(groups["aspp_weight"]["params"]) == 4 and len(groups["aspp_bias"]["params"]) == 4
+
+
+def test_poly_schedule_values():
+    # lr used at 1-based iteration i: base * (1 - 10*floor((i-1)/10)/T)^0.9
+    assert poly_factor(1, 20000, 0.9) == 1.0
+    assert poly_factor(10, 20000, 0.9) == 1.0
+    assert poly_factor(11, 20000, 0.9) == pytest.approx((1 - 10 / 20000) ** 0.9)
+    assert poly_factor(10001, 20000, 0.9) == pytest.approx(0.5**0.9)
+    assert poly_factor(20000, 20000, 0.9) == pytest.approx((10 / 20000) ** 0.9)
+
+
+def test_resize_labels_matches_pil_nearest():
+    lab = np.random.default_rng(0).integers(0, 21, size=(41, 41)).astype(np.uint8)
+    for size in [(21, 21), (31, 31), (13, 17)]:
+        ours = resize_labels(torch.from_numpy(lab.astype(np.int64))[None], size)[0].numpy()
+        pil = np.asarray(Image.fromarray(lab).resize(size[::-1], Image.NEAREST))
+        assert np.array_equal(ours, pil)
+
+
+def test_multi_scale_loss_by_hand():
+    labels = torch.tensor([[[0, 1], [255, 1]]])
+    full = torch.zeros(1, 2, 2, 2)
+    full[0, 1] = math.log(3)  # p(class 1) = 3/4 everywhere
+    small = torch.zeros(1, 2, 1, 1)  # uniform at 1x1; label nearest-resized from (2,2) is labels[0,1,1] = 1
+    loss = multi_scale_loss([full, small], labels)
+    expected = (-math.log(1 / 4) - 2 * math.log(3 / 4)) / 3 + math.log(2)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert F.cross_entropy(full, labels, ignore_index=255).item() == pytest.approx(expected - math.log(2), rel=1e-6)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    from deeplab import synthetic
+    from deeplab.data import voc_layout_items
+
+    synthetic.generate(tmp_path / "raw", 6, 1, 48, 48, 4, seed=1)
+    write_list(tmp_path / "train.txt", voc_layout_items(tmp_path / "raw", "train"))
+    d = DatasetConfig(n_classes=4)
+    m = ModelConfig(n_blocks=(1, 1, 1, 1), width=8)
+    model = build_model(4, m.n_blocks, m.width)
+    init_from_scratch(model, 0)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    return tmp_path, d, m
+
+
+def test_bn_frozen_after_steps_and_log_written(tiny_setup):
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=3, batch_size=2, iter_size=2, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True)
+    logged = []
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv",
+          on_log=lambda i, loss, lr: logged.append(i))
+    init, final = torch.load(tmp / "init.pt"), torch.load(tmp / "final.pt")
+    bn_keys = [k for k in init if ".bn." in k and not k.endswith("num_batches_tracked")]
+    assert bn_keys and all(torch.equal(init[k], final[k]) for k in bn_keys)
+    assert not torch.equal(init["base.aspp.c0.weight"], final["base.aspp.c0.weight"])
+    key = "base.layer2.block1.reduce.conv.weight"
+    assert not torch.equal(init[key], final[key])
+    assert logged == [1, 2, 3]
+    rows = (tmp / "log.csv").read_text().splitlines()
+    assert rows[0] == "iteration,loss,lr" and len(rows) == 4
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_setup):
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=5, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True)
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(it, loss, lr):
+        if it == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
+              on_log=crash_at_3)
+    assert torch.load(tmp / "b_ck.pt")["iteration"] == 2 and not (tmp / "b.pt").exists()
+    seen = []
+    res = train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
+                on_log=lambda it, loss, lr: seen.append(it))
+    assert res.resumed_from == 2 and seen == [3, 4, 5]
+    a, b = torch.load(tmp / "a.pt"), torch.load(tmp / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tiny_setup):
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=1)
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "ck.pt", tmp / "a.csv")
+    res = train(d, m, t.model_copy(update={"lr": 1e-3}), tmp / "train.txt", tmp / "init.pt", tmp / "a.pt",
+                tmp / "ck.pt", tmp / "a.csv")
+    assert res.resumed_from == 0
