@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +68,35 @@ def _experiment_id(client: Any) -> str:
     return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
+def select(params: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The entries of nested ``params`` named by dotted ``keys`` (``"crf"``, ``"dataset.n_classes"``)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        value: Any = params
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
+def dvc_stage_params(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str] | None:
+    """The params a stage lists in dvc.yaml (``evaluate@crf`` -> the ``evaluate`` foreach body), or None."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    except (OSError, KeyError, TypeError):
+        return None
+    spec = stages.get(stage.split("@")[0], {})
+    spec = spec.get("do", spec)
+    return [p for p in spec.get("params", []) if isinstance(p, str)] or None
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Any]:
-    """Start the MLflow child run of ``stage`` under this pipeline execution's parent run; log ``params``
-    (the sections the stage uses) flattened. Yields the ``mlflow`` module with the run active."""
+def stage_run(stage: str, params: Any) -> Iterator[Any]:
+    """Start the MLflow child run of ``stage`` under this pipeline execution's parent run. Logs as run params
+    the params the stage lists in dvc.yaml (all of them outside a DVC project), and the whole resolved
+    config as an artifact. Yields the ``mlflow`` module with the run active."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -95,6 +120,9 @@ def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[Any]:
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id,
                           tags={**tags, "deeplab.role": "stage", "deeplab.stage": stage,
                                 "dvc.stage": os.environ.get("DVC_STAGE", stage)}):
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, list | tuple) else v
-                           for k, v in flatten(params).items()})
+        resolved = params.model_dump(mode="json")
+        keys = dvc_stage_params(stage)
+        used = select(resolved, keys) if keys else resolved
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flatten(used).items()})
+        mlflow.log_dict(resolved, "config/params.json")
         yield mlflow

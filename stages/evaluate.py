@@ -23,7 +23,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         raise ValueError(f"kind: expected 'raw' or 'crf', got {kind!r}")
     p = load_params(params)
     d = p.dataset
-    with stage_run(f"evaluate@{kind}", {"dataset": d.model_dump()}) as mlflow:
+    with stage_run(f"evaluate@{kind}", p) as mlflow:
         hist = accumulate(read_list(lists / f"{d.val_split}.txt"), predictions / kind, d.n_classes)
         s = scores(hist)
         names = class_names(d.name, d.n_classes)

@@ -16,9 +16,7 @@ def init(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared")
     """Produce the initial weights the train stage starts from."""
     p = load_params(params)
     m = p.model
-    with stage_run("init", {"init": p.init.model_dump(), "model": m.model_dump(),
-                            "dataset": p.dataset.model_dump(),
-                            "train.crop_size": p.train.crop_size}) as mlflow:
+    with stage_run("init", p) as mlflow:
         model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
         if p.init.source == "scratch":
             init_from_scratch(model, p.init.seed)

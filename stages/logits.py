@@ -18,8 +18,7 @@ def logits(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared
     """Multi-scale inference on the validation split: stride-8 float16 logits and raw label maps."""
     p = load_params(params)
     m = p.model
-    with stage_run("logits", {"dataset": p.dataset.model_dump(), "model": m.model_dump(),
-                              "logits": p.logits.model_dump()}) as mlflow:
+    with stage_run("logits", p) as mlflow:
         model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
         load_weights(model, weights)
         mlflow.set_tag("weights.final.md5", file_md5(weights))

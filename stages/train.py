@@ -15,8 +15,7 @@ def train(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"
           log_csv: Path = Path("metrics/train_log.csv")) -> None:
     """Train DeepLab v2 from the initial weights; resumes from CHECKPOINT after an interruption."""
     p = load_params(params)
-    with stage_run("train", {"dataset": p.dataset.model_dump(), "model": p.model.model_dump(),
-                             "train": p.train.model_dump()}) as mlflow:
+    with stage_run("train", p) as mlflow:
         result = run_training(
             p.dataset, p.model, p.train, lists / f"{p.dataset.train_split}.txt", init, out, checkpoint, log_csv,
             on_log=lambda it, loss, lr: mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=it))
