@@ -29,9 +29,14 @@ class SyntheticConfig(Section):
 
 
 class DatasetConfig(Section):
-    name: Literal["synthetic"] = "synthetic"
-    # Where the dataset lives; null means the download stage's own output folder.
+    name: Literal["synthetic", "voc12", "cocostuff10k", "cocostuff164k"] = "synthetic"
+    # A dataset already on disk: nothing is downloaded, its layout is checked. null: download into data/raw.
     root: str | None = None
+    # A mirror serving the archives under their official file names (replaces each official URL's folder).
+    base_url: str | None = None
+    # Expected checksums per archive file name ({md5|sha1|sha256|size: value}) for a mirror whose archives
+    # differ from the official ones; they replace the published values for that file.
+    checksums: dict[str, dict[Literal["md5", "sha1", "sha256", "size"], str | int]] = {}
     n_classes: Annotated[int, Field(ge=2, le=255)] = 6
     ignore_label: Annotated[int, Field(ge=0, le=255)] = 255
     mean_bgr: tuple[float, float, float] = (104.008, 116.669, 122.675)

@@ -46,16 +46,6 @@ def palette(n: int = 256) -> np.ndarray:
 PALETTE = palette()
 
 
-def class_names(dataset: str, n_classes: int) -> list[str]:
-    if dataset == "synthetic":
-        table: Sequence[str] = SYNTHETIC_CLASSES
-    elif dataset == "voc12":
-        table = VOC_CLASSES
-    else:
-        table = ()
-    return [table[i] if i < len(table) else f"class{i}" for i in range(n_classes)]
-
-
 class DataError(ValueError):
     """A dataset file or folder is missing or unreadable; the message names it."""
 
@@ -216,12 +206,3 @@ def voc_layout_items(root: Path, split: str) -> list[Item]:
         raise DataError(f"{root}: {len(missing)} files listed in {listing.name} are missing, e.g. {missing[0]}")
     return items
 
-
-def prepare_lists(dataset: str, root: Path, splits: Sequence[str], out: Path) -> dict[str, int]:
-    """Write ``out/<split>.txt`` for each split; returns the item count per split."""
-    counts = {}
-    for split in splits:
-        items = voc_layout_items(root, split)
-        write_list(out / f"{split}.txt", items)
-        counts[split] = len(items)
-    return counts

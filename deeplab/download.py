@@ -1,28 +1,228 @@
-"""The download stage's logic: produce the dataset named in params under the stage's output folder."""
+"""Downloads and extraction, shared by the dataset and the caffemodel stages.
+
+One table (``SOURCES``) holds every archive's URL and known checksums. ``fetch`` resumes an interrupted
+download with an HTTP Range request, retries transient failures with backoff, shows size and speed, and
+moves the file into place only after it is verified. Where no checksum is published, the size and SHA-256
+seen on the first download are recorded (``recorded.json`` beside the archives) and later downloads must
+match them. ``extract`` refuses members that would land outside the target.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
-from pathlib import Path
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import requests
+from tqdm import tqdm
 
 from deeplab import synthetic
 from deeplab.config import DatasetConfig
+from deeplab.files import write_json
 
 log = logging.getLogger(__name__)
 
 
-def fetch_dataset(cfg: DatasetConfig, out: Path) -> Path:
-    """Build the dataset in a temporary sibling folder and move it into place when complete, so an
-    interrupted stage never leaves a half-made ``out``."""
+@dataclass(frozen=True)
+class Archive:
+    url: str
+    # Folder (relative to the dataset root) the archive is extracted into.
+    into: str = "."
+    md5: str | None = None
+    sha1: str | None = None
+    size: int | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.url.split("?")[0].rstrip("/").split("/")[-1]
+
+
+SOURCES: dict[str, list[Archive]] = {
+    "voc12": [
+        Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar", ".",
+                md5="6cd6e144f989b92b3379bac3b3de84fd", size=1_999_639_040),
+        # SBD-augmented labels as distributed by DrSleep (no checksum published).
+        Archive("https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1", "VOCdevkit/VOC2012"),
+        # DeepLab's train_aug / val lists (folder list/ -> ImageSets/SegmentationAug/).
+        Archive("https://github.com/kazuto1011/deeplab-pytorch/files/2945588/list.zip", "VOCdevkit/VOC2012"),
+    ],
+    "cocostuff10k": [
+        Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/cocostuff-10k-v1.1.zip"),
+    ],
+    "cocostuff164k": [
+        Archive("http://images.cocodataset.org/zips/train2017.zip", "images",
+                md5="cced6f7f71b7629ddf16f17bbcfab6b2", sha1="10ad623668ab00c62c096f0ed636d6aff41faca5",
+                size=19_336_861_798),
+        Archive("http://images.cocodataset.org/zips/val2017.zip", "images",
+                md5="442b8da7639aecaf257c1dceb8ba8c80", sha1="4950dc9d00dbe1c933ee0170f5797584351d2a41",
+                size=815_585_330),
+        Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
+                "stuffthingmaps_trainval2017.zip", "annotations"),
+    ],
+    "caffemodel": [
+        Archive("http://liangchiehchen.com/projects/released/deeplab_aspp_resnet101/prototxt_and_model.zip"),
+    ],
+}
+
+
+class DownloadError(RuntimeError):
+    """A download failed for good, or its file did not verify; the message names URL or file."""
+
+
+def _hash(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def published(archive: Archive) -> dict[str, object]:
+    return {k: v for k, v in (("size", archive.size), ("md5", archive.md5), ("sha1", archive.sha1)) if v is not None}
+
+
+def verify(path: Path, url: str, expected: dict[str, object], name: str | None = None) -> dict[str, object]:
+    """Check ``path`` against every expected value (size, md5, sha1, sha256); raise with expected and actual
+    values on a mismatch. Returns what was measured (size, sha256), to record where nothing was published."""
+    seen: dict[str, object] = {"size": path.stat().st_size, "sha256": _hash(path, "sha256")}
+    for key, want in expected.items():
+        got = seen[key] if key in seen else _hash(path, key)
+        if got != want:
+            raise DownloadError(f"{name or path.name}: {key} mismatch: expected {want}, got {got} (from {url})")
+    return seen
+
+
+def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0,
+          desc: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range."""
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416:  # the partial file is already complete
+                    break
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise requests.ConnectionError(f"HTTP {r.status_code}")
+                if r.status_code not in (200, 206):
+                    raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+                if have and r.status_code == 200:  # the server ignored Range: start over
+                    have = 0
+                total = int(r.headers.get("Content-Length", 0)) + have or None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=desc or dest.name, mininterval=1.0) as bar:
+                    # Small chunks: a dropped connection loses at most one unfinished chunk.
+                    for chunk in r.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                if total is not None and part.stat().st_size < total:
+                    raise requests.ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries:
+                raise DownloadError(f"{url}: giving up after {retries + 1} attempts: {e}") from None
+            wait = backoff * 2**attempt
+            log.warning("%s: %s; retrying in %.0f s (attempt %d of %d)", url, e, wait, attempt + 2, retries + 1)
+            time.sleep(wait)
+    os.replace(part, dest)
+    return dest
+
+
+def download(archive: Archive, downloads: Path, base_url: str | None = None,
+             checksums: dict[str, object] | None = None) -> Path:
+    """The verified archive in ``downloads``, fetched if absent. ``checksums`` replace the published values
+    (a mirror's own archive). A file that fails verification is removed."""
+    url = f"{base_url.rstrip('/')}/{archive.filename}" if base_url else archive.url
+    dest = downloads / archive.filename
+    record_file = downloads / "recorded.json"
+    recorded = json.loads(record_file.read_text()) if record_file.exists() else {}
+    expected = dict(checksums) if checksums else published(archive)
+    expected = expected or recorded.get(archive.filename, {})
+    if not dest.exists():
+        # Verify under the temporary name, so a bad file never appears under the real one.
+        tmp = fetch(url, dest.with_name(dest.name + ".unverified"), desc=archive.filename)
+        try:
+            seen = verify(tmp, url, expected, archive.filename)
+        except DownloadError:
+            tmp.unlink()
+            raise
+        os.replace(tmp, dest)
+    else:
+        seen = verify(dest, url, expected)
+    if archive.filename not in recorded:
+        recorded[archive.filename] = seen
+        write_json(record_file, recorded)
+    return dest
+
+
+def _check_member(name: str, target: Path, archive: Path) -> None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        raise DownloadError(f"{archive}: refusing unsafe member {name!r} (absolute path or '..')")
+    if not (target / name).resolve().is_relative_to(target.resolve()):
+        raise DownloadError(f"{archive}: refusing member {name!r}: it would land outside {target}")
+
+
+def extract(archive: Path, target: Path) -> None:
+    """Extract a zip or tar archive into ``target``, refusing absolute paths, '..' and escaping links."""
+    target.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                _check_member(info.filename, target, archive)
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DownloadError(f"{archive}: refusing symbolic link member {info.filename!r}")
+            z.extractall(target)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as t:
+            members = t.getmembers()
+            for m in members:
+                _check_member(m.name, target, archive)
+                if m.issym() or m.islnk():
+                    link = (target / m.name).parent / m.linkname if m.issym() else target / m.linkname
+                    if os.path.isabs(m.linkname) or not link.resolve().is_relative_to(target.resolve()):
+                        raise DownloadError(f"{archive}: refusing link {m.name!r} -> {m.linkname!r} outside {target}")
+            # The 'data' filter enforces the same rules again and drops device files and odd permissions.
+            t.extractall(target, members=members, filter="data")
+    else:
+        raise DownloadError(f"{archive}: neither a zip nor a tar archive")
+
+
+def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/downloads")) -> Path:
+    """Produce the dataset under ``out``: generated (synthetic), checked in place (``dataset.root`` set), or
+    downloaded, verified and extracted. Work happens in a temporary sibling folder that replaces ``out`` only
+    when complete, so an interrupted or failed stage never leaves a half-made ``out``."""
+    from deeplab.datasets import check_layout, finish_layout
+
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.name == "synthetic":
         s = cfg.synthetic
         synthetic.generate(tmp, s.n_train, s.n_val, s.height, s.width, cfg.n_classes, s.seed)
-    else:  # the Literal in DatasetConfig keeps this unreachable
-        raise ValueError(f"dataset.name: unsupported dataset {cfg.name!r}")
+    elif cfg.root:
+        root = Path(cfg.root)
+        check_layout(cfg, root)
+        tmp.mkdir(parents=True)
+        write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
+        log.info("using the %s dataset already at %s; nothing downloaded", cfg.name, root)
+    else:
+        for archive in SOURCES[cfg.name]:
+            path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename))
+            log.info("extracting %s", path.name)
+            extract(path, tmp / archive.into)
+        finish_layout(cfg, tmp)
+        check_layout(cfg, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log.info("dataset %s written to %s", cfg.name, out)
+    log.info("dataset %s ready in %s", cfg.name, out)
     return out

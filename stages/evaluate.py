@@ -4,7 +4,8 @@ from pathlib import Path
 import typer
 
 from deeplab.config import load_params
-from deeplab.data import class_names, read_list
+from deeplab.data import read_list
+from deeplab.datasets import class_names
 from deeplab.files import write_json, write_text
 from deeplab.metrics import accumulate, scores
 from deeplab.stage import command

@@ -1,7 +1,7 @@
 from pathlib import Path
 
+from deeplab import datasets
 from deeplab.config import load_params
-from deeplab.data import prepare_lists
 from deeplab.stage import command
 from deeplab.tracking import stage_run
 
@@ -12,7 +12,7 @@ def prepare(params: Path = Path("params.yaml"), raw: Path = Path("data/raw"),
     p = load_params(params)
     d = p.dataset
     with stage_run("prepare", p) as mlflow:
-        counts = prepare_lists(d.name, Path(d.root) if d.root else raw, [d.train_split, d.val_split], out)
+        counts = datasets.prepare(d, Path(d.root) if d.root else raw, out)
         mlflow.log_metrics({f"n_{split}": n for split, n in counts.items()})
 
 

@@ -12,7 +12,6 @@ from deeplab.data import (
     Item,
     SegmentationDataset,
     augment,
-    prepare_lists,
     read_image,
     read_label,
     read_list,
@@ -124,14 +123,17 @@ def test_synthetic_has_several_classes_and_real_edges(tmp_path):
 
 def test_prepare_lists_and_missing_file_named(tmp_path):
     synthetic.generate(tmp_path / "raw", 2, 1, 32, 32, 4, seed=0)
-    counts = prepare_lists("synthetic", tmp_path / "raw", ["train", "val"], tmp_path / "lists")
+    from deeplab.config import DatasetConfig
+    from deeplab.datasets import prepare
+
+    counts = prepare(DatasetConfig(n_classes=4), tmp_path / "raw", tmp_path / "lists")
     assert counts == {"train": 2, "val": 1}
     ds = SegmentationDataset(tmp_path / "lists" / "train.txt", (104.0, 117.0, 123.0))
     image, label, image_id = ds[1]
     assert image.shape == (3, 32, 32) and label.dtype == torch.int64 and image_id == "train_00001"
     (tmp_path / "raw" / "JPEGImages" / "val_00000.jpg").unlink()
     with pytest.raises(DataError, match="val_00000.jpg"):
-        prepare_lists("synthetic", tmp_path / "raw", ["val"], tmp_path / "lists")
+        prepare(DatasetConfig(n_classes=4), tmp_path / "raw", tmp_path / "lists")
     with pytest.raises(DataError, match="split list not found"):
         voc_layout_items(tmp_path / "raw", "test")
 

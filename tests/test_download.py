@@ -1,0 +1,200 @@
+"""The real download, verification and extraction code against a loopback HTTP server."""
+
+import io
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+from deeplab.config import DatasetConfig
+from deeplab.data import DataError, read_label
+from deeplab.datasets import check_layout, class_names, read_mat_label, split_items
+from deeplab.download import SOURCES, Archive, DownloadError, download, extract, fetch, fetch_dataset
+from tests.official_layouts import (
+    ArchiveServer,
+    cocostuff10k_archive,
+    cocostuff164k_archives,
+    mat_bytes,
+    md5,
+    voc_archives,
+)
+
+
+@pytest.fixture
+def server():
+    with ArchiveServer() as s:
+        yield s
+
+
+def test_sources_table_holds_every_dataset_once():
+    assert set(SOURCES) == {"voc12", "cocostuff10k", "cocostuff164k", "caffemodel"}
+    voc = SOURCES["voc12"][0]
+    assert voc.filename == "VOCtrainval_11-May-2012.tar" and voc.md5 == "6cd6e144f989b92b3379bac3b3de84fd"
+    assert SOURCES["voc12"][1].filename == "SegmentationClassAug.zip"  # query string dropped
+
+
+def test_resume_after_connection_drop(server, tmp_path):
+    data = np.random.default_rng(0).bytes(3_000_000)
+    server.files["big.bin"] = data
+    server.drop_after["big.bin"] = 1_000_000
+    dest = fetch(f"{server.url}/big.bin", tmp_path / "big.bin", backoff=0.01)
+    assert dest.read_bytes() == data
+    ranges = [r for name, r in server.log if name == "big.bin"]
+    assert ranges[0] is None and len(ranges) == 2
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 900_000 <= resumed_at <= 1_000_000  # resumed, not restarted (one partial chunk may be lost)
+    assert not (tmp_path / "big.bin.part").exists()
+
+
+def test_resume_of_a_partial_file_left_by_an_earlier_run(server, tmp_path):
+    data = b"0123456789" * 1000
+    server.files["f.bin"] = data
+    (tmp_path / "f.bin.part").write_bytes(data[:4000])
+    fetch(f"{server.url}/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == data and server.log == [("f.bin", "bytes=4000-")]
+
+
+def test_transient_errors_retried_then_clear_failure(server, tmp_path):
+    server.files["f.bin"] = b"abc"
+    server.fail["f.bin"] = 2
+    assert fetch(f"{server.url}/f.bin", tmp_path / "f.bin", backoff=0.01).read_bytes() == b"abc"
+    server.fail["g.bin"] = 10
+    server.files["g.bin"] = b"abc"
+    with pytest.raises(DownloadError, match=r"g.bin: giving up after 3 attempts"):
+        fetch(f"{server.url}/g.bin", tmp_path / "g.bin", retries=2, backoff=0.01)
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(f"{server.url}/missing.bin", tmp_path / "m.bin")
+
+
+def test_checksum_mismatch_removes_the_file(server, tmp_path):
+    server.files["a.zip"] = b"payload"
+    archive = Archive("http://example.invalid/a.zip", md5="0" * 32)
+    with pytest.raises(DownloadError) as e:
+        download(archive, tmp_path, server.url)
+    assert f"expected {'0' * 32}, got {md5(b'payload')}" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    # The right checksum passes and the official URL's folder is replaced by the mirror.
+    ok = Archive("http://example.invalid/some/dir/a.zip", md5=md5(b"payload"))
+    assert download(ok, tmp_path, server.url).read_bytes() == b"payload"
+
+
+def test_hash_recorded_on_first_download_is_enforced(server, tmp_path):
+    server.files["n.zip"] = b"first"
+    archive = Archive("http://example.invalid/n.zip")  # nothing published
+    download(archive, tmp_path, server.url)
+    (tmp_path / "n.zip").unlink()
+    server.files["n.zip"] = b"other"
+    with pytest.raises(DownloadError, match=r"^n.zip: sha256 mismatch: expected [0-9a-f]{64}, got [0-9a-f]{64}"):
+        download(archive, tmp_path, server.url)
+    assert not (tmp_path / "n.zip").exists()
+
+
+def _zip_with(name):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("ok/file.txt", "fine")
+        z.writestr(name, "evil")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "a/../../escape.txt", "/abs/escape.txt"])
+def test_extract_refuses_unsafe_zip_members(tmp_path, name):
+    (tmp_path / "a.zip").write_bytes(_zip_with(name))
+    with pytest.raises(DownloadError, match="refusing"):
+        extract(tmp_path / "a.zip", tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out" / "ok").exists()
+
+
+def test_extract_refuses_tar_links_outside(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        link = tarfile.TarInfo("data/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../etc/passwd"
+        t.addfile(link)
+    (tmp_path / "a.tar").write_bytes(buf.getvalue())
+    with pytest.raises(DownloadError, match="refusing link 'data/link'"):
+        extract(tmp_path / "a.tar", tmp_path / "out")
+    (tmp_path / "b.tar").write_bytes(b"neither")
+    with pytest.raises(DownloadError, match="neither a zip nor a tar"):
+        extract(tmp_path / "b.tar", tmp_path / "out")
+
+
+def _cfg(name, server, files, **kw):
+    sums = {f: {"md5": md5(data)} for f, data in files.items()}
+    return DatasetConfig(name=name, base_url=server.url, checksums=sums, **kw)
+
+
+def test_voc_download_extract_and_read(server, tmp_path, voc_fixtures):
+    files = voc_archives()
+    server.files.update(files)
+    cfg = _cfg("voc12", server, files, n_classes=21, train_split="train_aug", val_split="val")
+    root = fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    assert not (root / "VOCdevkit/VOC2012/__MACOSX").exists()
+    train = split_items(cfg, root, "train_aug")
+    by_id = {it.image_id: it for it in train}
+    # The real sample's augmented grayscale label decodes to the same indices as its palette PNG.
+    real = read_label(by_id["2007_000032"].label)
+    assert set(np.unique(real).tolist()) == {0, 1, 15, 255}
+    assert np.array_equal(real, read_label(voc_fixtures / "SegmentationClass" / "2007_000032.png"))
+    assert by_id["2007_000032"].label.parent.name == "SegmentationClassAug"
+    assert class_names("voc12", 21)[15] == "person"
+
+
+def test_dataset_root_with_missing_folder_is_named(server, tmp_path):
+    files = voc_archives(2, 1)
+    server.files.update(files)
+    cfg = _cfg("voc12", server, files, n_classes=21, train_split="train_aug", val_split="val")
+    root = fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    (root / "VOCdevkit/VOC2012/SegmentationClassAug").rename(tmp_path / "moved")
+    local = cfg.model_copy(update={"root": str(root), "base_url": None})
+    with pytest.raises(DataError, match=r"missing VOCdevkit/VOC2012/SegmentationClassAug \(folder\)"):
+        fetch_dataset(local, tmp_path / "raw2")
+    assert not (tmp_path / "raw2").exists() and not (tmp_path / ".raw2.partial").exists()
+    with pytest.raises(DataError, match=r"dataset.root .*nope: folder not found"):
+        check_layout(local, tmp_path / "nope")
+
+
+def test_failed_download_leaves_no_output(server, tmp_path):
+    files = cocostuff10k_archive(2, 1)
+    server.files.update(files)
+    cfg = DatasetConfig(name="cocostuff10k", base_url=server.url, n_classes=182,
+                        checksums={"cocostuff-10k-v1.1.zip": {"md5": "f" * 32}})
+    with pytest.raises(DownloadError, match="md5 mismatch"):
+        fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    assert not (tmp_path / "raw").exists()
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == []
+
+
+def test_cocostuff10k_labels(server, tmp_path):
+    files = cocostuff10k_archive()
+    server.files.update(files)
+    cfg = _cfg("cocostuff10k", server, files, n_classes=182, train_split="train", val_split="test", warp_size=33)
+    root = fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    items = split_items(cfg, root, "train")
+    assert len(items) == 6 and items[0].label.suffix == ".mat"
+    for dtype in (np.uint8, np.uint16, np.float64):
+        (tmp_path / "x.mat").write_bytes(mat_bytes(np.array([[0, 1, 182], [5, 0, 91]], dtype=dtype)))
+        assert read_mat_label(tmp_path / "x.mat").tolist() == [[255, 0, 181], [4, 255, 90]]
+    (tmp_path / "y.mat").write_bytes(b"not a mat file")
+    with pytest.raises(DataError, match="y.mat: cannot read field 'S'"):
+        read_mat_label(tmp_path / "y.mat")
+    from deeplab.datasets import prepare
+
+    counts = prepare(cfg, root, tmp_path / "prepared", n_jobs=1)
+    assert counts == {"train": 6, "test": 3}
+    lab = read_label(tmp_path / "prepared" / "labels" / f"{items[0].image_id}.png")
+    assert lab.shape == (33, 33)
+    src = read_mat_label(items[0].label)
+    assert set(np.unique(lab).tolist()) <= set(np.unique(src).tolist())
+
+
+def test_cocostuff164k_labels(server, tmp_path):
+    files = cocostuff164k_archives()
+    server.files.update(files)
+    cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017")
+    root = fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    val = split_items(cfg, root, "val2017")
+    assert [it.image_id for it in val] == sorted(it.image_id for it in val) and len(val) == 3
+    assert set(np.unique(read_label(val[0].label)).tolist()) == {0, 181, 255}
+    assert class_names("cocostuff164k", 182)[181] == "wood"
