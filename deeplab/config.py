@@ -72,6 +72,11 @@ class InitConfig(Section):
 
 class TrainConfig(Section):
     device: Device = "auto"
+    # Data-parallel processes (torchrun): per node, and nodes; with nnodes > 1 every node runs the stage with
+    # the same rdzv_endpoint (host:port of one of them). Effective batch = batch_size x iter_size x processes.
+    nproc_per_node: PositiveInt = 1
+    nnodes: PositiveInt = 1
+    rdzv_endpoint: str | None = None
     iterations: PositiveInt = 20000
     batch_size: PositiveInt = 5
     iter_size: PositiveInt = 2
@@ -97,6 +102,8 @@ class TrainConfig(Section):
 
 class LogitsConfig(Section):
     device: Device = "auto"
+    # Shard the validation split over this many torchrun processes.
+    nproc_per_node: PositiveInt = 1
     num_workers: NonNegInt = 0
     amp: bool = True
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,3 +33,25 @@ def command(fn: Callable[..., Any]) -> typer.Typer:
             raise typer.Exit(1) from None
 
     return app
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def torchrun(module: str, args: list[str], nproc_per_node: int, nnodes: int = 1,
+             rdzv_endpoint: str | None = None) -> None:
+    """Run ``python -m module args`` in ``nproc_per_node`` processes per node through torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise ValueError("train.rdzv_endpoint: needed (host:port) when train.nnodes > 1")
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={os.environ.get('DVC_EXP_NAME', 'deeplab')}"]
+    else:
+        cmd.append("--standalone")
+    cmd += ["-m", module, *args]
+    logging.getLogger(__name__).info("launching %s", " ".join(cmd))
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        raise RuntimeError(f"torchrun {module} failed with exit code {res.returncode}")

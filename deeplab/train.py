@@ -3,6 +3,7 @@ accumulation, frozen BatchNorm, and atomic checkpoints that resume with the same
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -115,21 +116,69 @@ class TrainResult:
     iterations: int
     final_loss: float
     resumed_from: int
+    model: nn.Module
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @staticmethod
+    def from_env() -> Dist:
+        return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator, iter_size: int, device: torch.device,
+               amp: bool = False, channels_last: bool = False, ignore: int = IGNORE) -> torch.Tensor:
+    """One optimiser step over ``iter_size`` accumulated micro-batches; returns the loss on the device (no
+    host sync). Under DDP, gradients are all-reduced only on the last micro-batch."""
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for k in range(iter_size):
+        images, labels, _ = next(batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        sync = k == iter_size - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = model(images)
+            loss = multi_scale_loss(outputs, labels, ignore) / iter_size
+            loss.backward()
+        total += loss.detach()
+    opt.step()
+    return total
 
 
 def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list: Path, init_weights: Path,
           out_weights: Path, checkpoint: Path, log_csv: Path,
           on_log: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Train from ``init_weights``; resume from ``checkpoint`` when it matches. Under torchrun every process
+    trains on its own share of one sample stream (effective batch = batch_size x iter_size x world size) and
+    rank 0 writes the checkpoint, log and weights."""
+    dist = Dist.from_env()
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = pick_device(tcfg.device)
     cuda = device.type == "cuda"
+    if dist.world > 1:
+        if cuda:
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.backends.cudnn.benchmark = not tcfg.deterministic
+    fast = cuda  # bf16 autocast and channels_last only pay off on a GPU
 
     model = build_model(dcfg.n_classes, mcfg.n_blocks, mcfg.width, mcfg.atrous_rates, mcfg.scales)
     load_weights(model, init_weights)
     model.to(device)
-    if cuda and tcfg.channels_last:
+    if fast and tcfg.channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
     if tcfg.freeze_bn:
@@ -138,70 +187,75 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
 
     # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code.
     key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
-                      *(file_md5(f) for f in (init_weights, train_list, *CODE)))
+                      dist.world, *(file_md5(f) for f in (init_weights, train_list, *CODE)))
     start, rows = 0, []
     if checkpoint.exists():
         ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
         if ckpt.get("fingerprint") == key:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            start, rows = int(ckpt["iteration"]), [tuple(r) for r in ckpt["log"].tolist()]
-            rows = [(int(i), loss, lr) for i, loss, lr in rows]
+            start = int(ckpt["iteration"])
+            rows = [(int(i), loss, lr) for i, loss, lr in ckpt["log"].tolist()]
             log.info("resuming from %s at iteration %d", checkpoint, start)
         else:
             log.info("ignoring %s: it was written for other params, init weights, data or code", checkpoint)
 
-    def save_checkpoint(it: int) -> None:
-        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                    "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64)}, checkpoint)
+    net = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if cuda and tcfg.compile:
+        net = torch.compile(net)
 
     dataset = SegmentationDataset(train_list, dcfg.mean_bgr,
                                   Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed))
     per_iter = tcfg.batch_size * tcfg.iter_size
-    loader = DataLoader(dataset, batch_size=tcfg.batch_size,
-                        sampler=DrawSampler(len(dataset), tcfg.seed, start=start * per_iter),
-                        num_workers=tcfg.num_workers, pin_memory=cuda,
-                        persistent_workers=tcfg.num_workers > 0,
-                        prefetch_factor=4 if tcfg.num_workers > 0 else None)
+    sampler = DrawSampler(len(dataset), tcfg.seed, start=start * per_iter, stride=dist.world, offset=dist.rank)
+    workers = tcfg.num_workers
+    loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     batches = iter(loader)
-    step_fn = torch.compile(model) if (cuda and tcfg.compile) else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and tcfg.amp)
 
-    loss_value = float("nan")
+    def flush(pending: list[tuple[int, torch.Tensor, float]]) -> None:
+        """Move pending device losses into the log with one host sync (averaged over processes)."""
+        if not pending:
+            return
+        losses = torch.stack([loss for _, loss, _ in pending])
+        if dist.world > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= dist.world
+        rows.extend((it, loss, lr) for (it, _, lr), loss in zip(pending, losses.tolist(), strict=True))
+        pending.clear()
+
+    def save_checkpoint(it: int) -> None:
+        if dist.rank == 0:
+            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                        "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64)}, checkpoint)
+
+    pending: list[tuple[int, torch.Tensor, float]] = []
     bar = tqdm(range(start + 1, tcfg.iterations + 1), initial=start, total=tcfg.iterations, desc="train",
-               unit="it")
+               unit="it", disable=dist.rank != 0)
     for it in bar:
         factor = poly_factor(it, tcfg.iterations, tcfg.poly_power, tcfg.lr_step)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for _ in range(tcfg.iter_size):
-            images, labels, _ = next(batches)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if cuda and tcfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with amp:
-                outputs = step_fn(images)
-            loss = multi_scale_loss(outputs, labels, dcfg.ignore_label) / tcfg.iter_size
-            loss.backward()
-            total += loss.detach()
-        opt.step()
-        loss_value = float(total)
-        lr = opt.param_groups[0]["lr"]
-        rows.append((it, loss_value, lr))
-        if it % tcfg.log_every == 0 or it == tcfg.iterations:
+        loss = train_step(net, opt, batches, tcfg.iter_size, device, amp=fast and tcfg.amp,
+                          channels_last=fast and tcfg.channels_last, ignore=dcfg.ignore_label)
+        pending.append((it, loss, opt.param_groups[0]["lr"]))
+        if it % tcfg.log_every == 0 or it % tcfg.checkpoint_every == 0 or it == tcfg.iterations:
+            flush(pending)
+            _, loss_value, lr = rows[-1]
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if on_log is not None:
+            if on_log is not None and dist.rank == 0 and (it % tcfg.log_every == 0 or it == tcfg.iterations):
                 on_log(it, loss_value, lr)
         if it % tcfg.checkpoint_every == 0 or it == tcfg.iterations:
             save_checkpoint(it)
-    _write_log(log_csv, rows)
-    save_torch(model.state_dict(), out_weights)
-    if rows:
-        loss_value = rows[-1][1]
-    return TrainResult(tcfg.iterations, loss_value, start)
+    if dist.rank == 0:
+        _write_log(log_csv, rows)
+        save_torch(model.state_dict(), out_weights)
+    if dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return TrainResult(tcfg.iterations, rows[-1][1] if rows else float("nan"), start, model)
 
 
 def _write_log(path: Path, rows: list[tuple[int, float, float]]) -> None:

@@ -1,13 +1,16 @@
 import logging
+import sys
 from pathlib import Path
+
+import torch
 
 from deeplab.config import load_params
 from deeplab.data import SegmentationDataset
 from deeplab.infer import dump_logits
 from deeplab.models import build_model, load_weights
-from deeplab.stage import command
+from deeplab.stage import command, torchrun, under_torchrun
 from deeplab.tracking import file_md5, stage_run
-from deeplab.train import pick_device
+from deeplab.train import Dist, pick_device
 
 log = logging.getLogger("stages.logits")
 
@@ -17,16 +20,32 @@ def logits(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared
            predictions: Path = Path("data/predictions/raw")) -> None:
     """Multi-scale inference on the validation split: stride-8 float16 logits and raw label maps."""
     p = load_params(params)
+    if p.logits.nproc_per_node > 1 and not under_torchrun():
+        with stage_run("logits", p) as mlflow:
+            mlflow.set_tag("weights.final.md5", file_md5(weights))
+            torchrun("stages.logits", sys.argv[1:], p.logits.nproc_per_node)
+        return
+    dist = Dist.from_env()
     m = p.model
-    with stage_run("logits", p) as mlflow:
-        model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
-        load_weights(model, weights)
-        mlflow.set_tag("weights.final.md5", file_md5(weights))
-        dataset = SegmentationDataset(lists / f"{p.dataset.val_split}.txt", p.dataset.mean_bgr)
-        device = pick_device(p.logits.device)
-        n = dump_logits(model, dataset, out, predictions, device, p.logits.num_workers,
-                        amp=p.logits.amp and device.type == "cuda")
-        log.info("%d logits written to %s, raw predictions to %s", n, out, predictions)
+    model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
+    load_weights(model, weights)
+    dataset = SegmentationDataset(lists / f"{p.dataset.val_split}.txt", p.dataset.mean_bgr)
+    device = pick_device(p.logits.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    shard = range(dist.rank, len(dataset), dist.world)
+
+    def run() -> int:
+        return dump_logits(model, dataset, out, predictions, device, p.logits.num_workers,
+                           amp=p.logits.amp and device.type == "cuda", indices=shard)
+
+    if under_torchrun():  # one shard of the job launched above
+        n = run()
+    else:
+        with stage_run("logits", p) as mlflow:
+            mlflow.set_tag("weights.final.md5", file_md5(weights))
+            n = run()
+    log.info("%d logits written to %s, raw predictions to %s", n, out, predictions)
 
 
 app = command(logits)
