@@ -59,8 +59,12 @@ class ModelConfig(Section):
 
 class InitConfig(Section):
     source: Literal["scratch", "caffemodel", "checkpoint"] = "scratch"
-    # caffemodel: a local .caffemodel file, or null to download the DeepLab release; checkpoint: a .pt/.pth file.
+    # caffemodel: a local .caffemodel file, or null to download DeepLab's MS-COCO-pretrained init.caffemodel;
+    # checkpoint: a PyTorch state dict (.pt/.pth) of this model, e.g. the reference project's released weights.
     path: str | None = None
+    # A mirror serving prototxt_and_model.zip (replaces the official URL's folder), and its checksums.
+    base_url: str | None = None
+    checksums: dict[Literal["md5", "sha1", "sha256", "size"], str | int] = {}
     seed: int = 0
 
     @model_validator(mode="after")

@@ -226,3 +226,22 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
     tmp.rename(out)
     log.info("dataset %s ready in %s", cfg.name, out)
     return out
+
+
+def fetch_caffemodel(downloads: Path, name: str = "init.caffemodel", base_url: str | None = None,
+                     checksums: dict[str, object] | None = None) -> Path:
+    """DeepLab v2's ``name`` from the authors' prototxt_and_model.zip (downloaded, verified, extracted once)."""
+    archive = SOURCES["caffemodel"][0]
+    zip_path = download(archive, downloads, base_url, checksums)
+    target = downloads / zip_path.stem
+    found = sorted(target.rglob(name)) if target.is_dir() else []
+    if not found:
+        tmp = downloads / f".{zip_path.stem}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        extract(zip_path, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        found = sorted(target.rglob(name))
+    if not found:
+        raise DownloadError(f"{zip_path}: no {name} inside")
+    return found[0]
