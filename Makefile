@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup repro test lint lock mlflow-ui clean
+.PHONY: setup repro test lint lock mlflow-ui clean browser
 
 setup: $(STAMP)
 
@@ -29,10 +29,16 @@ lint: setup
 	ruff check .
 
 lock: setup
-	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra dev --extra dask --python-version 3.11 -o requirements.lock
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Headless Chromium for tests/test_ui.py (MLflow UI and `dvc plots show` pages); skipped when absent.
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version)"; else \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi

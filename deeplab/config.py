@@ -113,6 +113,13 @@ class LogitsConfig(Section):
 
 
 class CrfConfig(Section):
+    # pydensecrf: pydensecrf2 in joblib workers; torch: the PyTorch permutohedral lattice (CUDA when present).
+    backend: Literal["pydensecrf", "torch"] = "pydensecrf"
+    device: Device = "auto"
+    # Where pydensecrf workers run: loky processes on this machine, or a Dask cluster at `scheduler`
+    # (or $DASK_SCHEDULER_ADDRESS); its workers must see the same data/ paths.
+    parallel: Literal["loky", "dask"] = "loky"
+    scheduler: str | None = None
     iterations: PositiveInt = 10
     pos_xy_std: PositiveFloat = 1.0
     pos_w: Annotated[float, Field(ge=0)] = 3.0

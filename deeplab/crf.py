@@ -44,20 +44,25 @@ def reference_quirk_image(rgb: np.ndarray, mean_bgr: Sequence[float]) -> np.ndar
     return (np.trunc(bgr).astype(np.int64) % 256).astype(np.uint8)
 
 
+def _inputs(item: Item, logits_dir: Path, cfg: CrfConfig, mean_bgr: Sequence[float], device: str = "cpu"):
+    """Upsampled softmax probabilities (C, H, W) float32 and the image the pairwise term sees."""
+    from deeplab.infer import load_logits, upsample_probs
+
+    rgb = read_image(item.image)
+    probs = upsample_probs(load_logits(logits_dir / f"{item.image_id}.npy").to(device), rgb.shape[:2])
+    return probs, (reference_quirk_image(rgb, mean_bgr) if cfg.reference_image_quirk else rgb)
+
+
 def crf_image(item: Item, logits_dir: Path, out_dir: Path, cfg: CrfConfig,
               mean_bgr: Sequence[float]) -> str:
+    """One image with pydensecrf2 (runs in a joblib worker); skips an image already done."""
     import torch
-
-    from deeplab.infer import load_logits, upsample_probs
 
     torch.set_num_threads(1)
     out = out_dir / f"{item.image_id}.png"
-    if out.exists():
-        return item.image_id
-    rgb = read_image(item.image)
-    probs = upsample_probs(load_logits(logits_dir / f"{item.image_id}.npy"), rgb.shape[:2]).numpy()
-    ref = reference_quirk_image(rgb, mean_bgr) if cfg.reference_image_quirk else rgb
-    write_label(out, dense_crf(probs, ref, cfg))
+    if not out.exists():
+        probs, ref = _inputs(item, logits_dir, cfg, mean_bgr)
+        write_label(out, dense_crf(probs.numpy(), ref, cfg))
     return item.image_id
 
 
@@ -91,12 +96,47 @@ def choose_n_jobs(requested: int | None, n_classes: int, height: int, width: int
 
 def run_crf(items: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConfig, mean_bgr: Sequence[float],
             n_jobs: int) -> int:
+    """CRF label maps for ``items`` not yet in ``out_dir``; returns how many were computed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [it for it in items if not (out_dir / f"{it.image_id}.png").exists()]
     if len(todo) < len(items):
         log.info("crf: %d of %d label maps already done, skipping them", len(items) - len(todo), len(items))
-    jobs = (delayed(crf_image)(it, logits_dir, out_dir, cfg, mean_bgr) for it in todo)
+    if cfg.backend == "torch":
+        _run_torch(todo, logits_dir, out_dir, cfg, mean_bgr)
+        return len(todo)
+    jobs = [delayed(crf_image)(it, logits_dir, out_dir, cfg, mean_bgr) for it in todo]
+    if cfg.parallel == "dask":
+        address = cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        if not address:
+            raise ValueError("crf.scheduler: a Dask scheduler address is needed when crf.parallel is 'dask' "
+                             "(or set DASK_SCHEDULER_ADDRESS)")
+        from dask.distributed import Client
+        from joblib import parallel_config
+
+        with Client(address) as client, parallel_config(backend="dask"):
+            log.info("crf: %d images on the Dask cluster at %s (%d workers)", len(todo), address,
+                     len(client.scheduler_info()["workers"]))
+            for _ in tqdm(Parallel(n_jobs=-1, return_as="generator_unordered")(jobs), total=len(todo),
+                          desc="crf (dask)", unit="img"):
+                pass
+        return len(todo)
     results = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(jobs)
     for _ in tqdm(results, total=len(todo), desc=f"crf ({n_jobs} jobs)", unit="img"):
         pass
     return len(todo)
+
+
+def _run_torch(todo: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConfig,
+               mean_bgr: Sequence[float]) -> None:
+    """The PyTorch lattice in this process, one image at a time on the GPU when there is one."""
+    import torch
+
+    from deeplab.permutohedral import dense_crf_torch
+    from deeplab.train import pick_device
+
+    device = pick_device(cfg.device)
+    log.info("crf: torch backend on %s", device)
+    for it in tqdm(todo, desc=f"crf (torch, {device.type})", unit="img"):
+        probs, ref = _inputs(it, logits_dir, cfg, mean_bgr, str(device))
+        labels = dense_crf_torch(probs, torch.from_numpy(np.ascontiguousarray(ref)).to(device), cfg)
+        write_label(out_dir / f"{it.image_id}.png", labels.to(torch.uint8).cpu().numpy())

@@ -60,3 +60,34 @@ def test_run_crf_writes_maps_and_skips_done(tmp_path):
     assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 1
     assert read_label(tmp_path / "out" / "a.png").shape == (48, 48)
     assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 0
+
+
+def _logit_set(tmp_path, n=3):
+    from PIL import Image
+
+    items = []
+    rng = np.random.default_rng(3)
+    for k in range(n):
+        rgb, truth, probs = two_region_case(40 + 8 * k, 48)
+        rgb = np.roll(rgb, 5 * k, axis=1)
+        Image.fromarray(rgb).save(tmp_path / f"{k}.png")
+        noisy = np.log(probs + rng.uniform(0, 0.3, probs.shape)).astype(np.float32)
+        save_logits(tmp_path / "logits" / f"{k}.npy", torch.from_numpy(noisy[:, ::8, ::8].copy()))
+        items.append(Item(str(k), tmp_path / f"{k}.png", tmp_path / f"{k}.png"))
+    return items
+
+
+def test_dask_cluster_gives_the_loky_labels(tmp_path):
+    from dask.distributed import LocalCluster
+
+    items = _logit_set(tmp_path)
+    run_crf(items, tmp_path / "logits", tmp_path / "loky", CrfConfig(), (0, 0, 0), n_jobs=2)
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+                      processes=True) as cluster:
+        cfg = CrfConfig(parallel="dask", scheduler=cluster.scheduler_address)
+        assert run_crf(items, tmp_path / "logits", tmp_path / "dask", cfg, (0, 0, 0), n_jobs=2) == len(items)
+    for it in items:
+        name = f"{it.image_id}.png"
+        assert np.array_equal(read_label(tmp_path / "loky" / name), read_label(tmp_path / "dask" / name))
+    with pytest.raises(ValueError, match="crf.scheduler"):
+        run_crf(items, tmp_path / "logits", tmp_path / "none", CrfConfig(parallel="dask"), (0, 0, 0), n_jobs=1)
