@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -51,3 +51,44 @@ def caffe_inspect(
     n_values = sum(b.size for layer in layers for b in layer.blobs)
     n_weighted = sum(1 for layer in layers if layer.blobs)
     typer.echo(f"{len(layers)} layers, {n_weighted} with weights, {n_values:,} values")
+
+
+@app.command("predict")
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images (not recursive).",
+                                                 show_default=False)],
+    model: Annotated[Path, typer.Option(
+        "--model", "-m", show_default=False,
+        help="Weights: a state dict (.pt/.pth: data/models/final.pt, a converted caffemodel, a checkpoint holding "
+             "{'model': ...}) or a .caffemodel with a head for the class count.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_label.png and <stem>_overlay.png.")]
+    = Path("predictions"),
+    crf: Annotated[bool, typer.Option("--crf", help="Refine with the dense CRF (crf.* from the params).")] = False,
+    dataset: Annotated[str | None, typer.Option(
+        help="Class names of this dataset (synthetic, voc12, cocostuff10k, cocostuff164k); when it differs from "
+             "the params, also its class count unless --n-classes.", show_default=False)] = None,
+    n_classes: Annotated[int | None, typer.Option(help="Class count of the weights' head.", show_default=False)]
+    = None,
+    params: Annotated[Path | None, typer.Option(
+        help="Params file giving the architecture (model.*), dataset, class count and CRF settings. "
+             "Default: params.yaml if it exists, else the built-in defaults (ResNet-101).", show_default=False)] = None,
+    max_size: Annotated[int | None, typer.Option(
+        min=1, help="Shrink images whose long side exceeds this before the network (and CRF); labels come back "
+                    "at full size. Default: none (any size runs).", show_default=False)] = None,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto: CUDA if available.")] = "auto",
+) -> None:
+    """Segment images with the multi-scale model (as in evaluation): a colour label PNG and an overlay with a
+    legend per image. Exits 1 if any input failed (each is named on stderr); the others are still written."""
+    from deeplab.config import ParamsError
+    from deeplab.data import DataError
+    from deeplab.predict import predict_images
+
+    try:
+        failed = predict_images(inputs, model, out, params=params, dataset=dataset, n_classes=n_classes, crf=crf,
+                                max_size=max_size, device=device, echo=typer.echo,
+                                warn=lambda m: typer.echo(f"error: {m}", err=True))
+    except (ParamsError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    if failed:
+        typer.echo(f"{failed} input(s) failed", err=True)
+        raise typer.Exit(1)

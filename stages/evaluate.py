@@ -1,31 +1,61 @@
+import csv
+import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from deeplab.config import load_params
-from deeplab.data import read_list
+from deeplab.data import Item, read_image, read_label, read_list
 from deeplab.datasets import class_names
 from deeplab.files import write_json, write_text
 from deeplab.metrics import accumulate, scores
 from deeplab.stage import command
 from deeplab.tracking import stage_run
-from deeplab.viz import plot_confusion
+from deeplab.viz import plot_class_iou, plot_confusion, plot_examples, top_confusions
 
 log = logging.getLogger("stages.evaluate")
+
+# Prediction kinds in pipeline order; the examples grid of one kind shows it and the kinds before it.
+KINDS = ("raw", "crf")
+TITLES = {"raw": "raw prediction", "crf": "CRF prediction"}
+
+
+def shown_kinds(kind: str, predictions: Path) -> list[str]:
+    """``kind`` and, where their folders exist, the kinds before it (declared deps of this stage in dvc.yaml),
+    never a later one: evaluate@raw must not depend on the crf stage."""
+    before = KINDS[:KINDS.index(kind)]
+    return [k for k in before if (predictions / k).is_dir()] + [kind]
+
+
+def example_rows(items: Sequence[Item], predictions: Path, kinds: Sequence[str]) -> list[tuple[str, list[np.ndarray]]]:
+    return [(it.image_id, [read_image(it.image), read_label(it.label),
+                           *(read_label(predictions / k / f"{it.image_id}.png") for k in kinds)]) for it in items]
+
+
+def confusions_csv(hist: np.ndarray, names: Sequence[str], k: int = 20) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ground_truth", "predicted", "pixels", "share_of_ground_truth"])
+    for gt, pred, pixels, share in top_confusions(hist, k):
+        w.writerow([names[gt], names[pred], pixels, f"{share:.6f}"])
+    return buf.getvalue()
 
 
 def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf"),
              params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
              predictions: Path = Path("data/predictions"), out: Path = Path("metrics")) -> None:
     """Scores of the raw or CRF predictions against the validation labels, with per-class IoU and
-    confusion-matrix plots."""
-    if kind not in ("raw", "crf"):
+    confusion-matrix plots, the most confused class pairs and a grid of example predictions."""
+    if kind not in KINDS:
         raise ValueError(f"kind: expected 'raw' or 'crf', got {kind!r}")
     p = load_params(params)
     d = p.dataset
     with stage_run(f"evaluate@{kind}", p) as mlflow:
-        hist = accumulate(read_list(lists / f"{d.val_split}.txt"), predictions / kind, d.n_classes)
+        items = read_list(lists / f"{d.val_split}.txt")
+        hist = accumulate(items, predictions / kind, d.n_classes)
         s = scores(hist)
         names = class_names(d.name, d.n_classes)
         class_iou = s.pop("class_iou")
@@ -34,7 +64,12 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         write_text(dest / "class_iou.csv", "class,iou\n" + "".join(
             f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in zip(names, class_iou, strict=True)))
         write_text(dest / "confusion.csv", "\n".join(",".join(map(str, r)) for r in hist.tolist()) + "\n")
+        write_text(dest / "top_confusions.csv", confusions_csv(hist, names))
         plot_confusion(hist, names, dest / "confusion.png")
+        plot_class_iou(class_iou, names, dest / "class_iou.png", s["mean_iou"])
+        kinds = shown_kinds(kind, predictions)
+        plot_examples(example_rows(items[:p.evaluate.n_examples], predictions, kinds),
+                      ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png")
         mlflow.log_metrics({f"{kind}_{k}": v for k, v in s.items()})
         mlflow.log_metrics({f"{kind}_iou_{n}": v for n, v in zip(names, class_iou, strict=True) if v is not None})
         mlflow.log_artifacts(str(dest), artifact_path=f"metrics/{kind}")

@@ -1,0 +1,235 @@
+"""Prediction on arbitrary images: the multi-scale model as in evaluation (max-fused 1x and ``model.scales``),
+optionally the dense CRF, and per image a colour label PNG and a side-by-side overlay with a legend.
+
+The network is fully convolutional, so any image size runs as it is; ``max_size`` bounds the cost of big
+images (network and CRF run on the shrunk image, the labels come back at full size).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import ValidationError
+
+from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, load_params
+from deeplab.data import DataError, atomic_save, read_image, to_input, write_label
+from deeplab.datasets import CLASS_TABLES, class_names
+from deeplab.infer import predict_logits, upsample_probs
+from deeplab.models import MSC, build_model, read_state_dict
+from deeplab.viz import overlay, present_classes
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
+                            ".ppm", ".pgm", ".pnm"})
+# Smallest input side: the 0.5x MSC branch must keep at least a pixel, and tiny inputs are enlarged to this.
+MIN_SIDE = 16
+
+
+def find_images(inputs: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """The files given (any suffix: an unreadable one is reported when read) and the image files directly
+    inside the folders given (by suffix, sorted, hidden ones skipped), each once; and an error message for
+    each input that does not exist or is a folder without images."""
+    found: dict[Path, Path] = {}
+    errors = []
+    for path in inputs:
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir()
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            if not images:
+                errors.append(f"{path}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            for p in images:
+                found.setdefault(p.resolve(), p)
+        elif path.exists():
+            found.setdefault(path.resolve(), path)
+        else:
+            errors.append(f"{path}: no such file or folder")
+    return list(found.values()), errors
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct output name per input: its stem, plus the suffix (``a_png``) when stems collide, plus a
+    counter when even that collides (same names in different folders)."""
+    stems = Counter(p.stem for p in paths)
+    used = {p.stem for p in paths if stems[p.stem] == 1}
+    out = []
+    for p in paths:
+        if stems[p.stem] == 1:
+            out.append(p.stem)
+            continue
+        base = f"{p.stem}_{p.suffix.lstrip('.').lower()}" if p.suffix else p.stem
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def resolve_params(path: Path | None = None, dataset: str | None = None, n_classes: int | None = None) -> Params:
+    """``path`` (default: params.yaml if it exists, else the built-in defaults) with the overrides applied.
+    ``dataset`` alone also sets the class count to the size of its class table when it changes the dataset."""
+    if path is not None or PARAMS_FILE.is_file():
+        p = load_params(path or PARAMS_FILE)
+    else:
+        p = Params()
+    if dataset is None and n_classes is None:
+        return p
+    data = p.model_dump()
+    if dataset is not None:
+        if dataset not in CLASS_TABLES:
+            raise ParamsError(f"--dataset: expected one of {', '.join(CLASS_TABLES)}, got {dataset!r}")
+        if n_classes is None and dataset != p.dataset.name:
+            n_classes = len(CLASS_TABLES[dataset])
+        data["dataset"]["name"] = dataset
+    if n_classes is not None:
+        data["dataset"]["n_classes"] = n_classes
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(f"--n-classes: {e.errors()[0]['msg']} (got {n_classes})") from None
+
+
+def architecture(state: Mapping[str, torch.Tensor]) -> str:
+    """What a DeepLab v2 state dict holds, read from its shapes, for error messages."""
+    blocks = [len({m[1] for k in state if (m := re.match(rf"base\.layer{i}\.(block\d+)\.", k))}) for i in range(2, 6)]
+    stem, head = state.get("base.layer1.conv1.conv.weight"), state.get("base.aspp.c0.weight")
+    return (f"n_blocks {tuple(blocks)}, width {stem.shape[0] if stem is not None else '?'}, "
+            f"{head.shape[0] if head is not None else '?'} classes")
+
+
+def read_weights(path: Path, p: Params) -> dict[str, torch.Tensor]:
+    """A state dict from a .pt/.pth file (plain, or a checkpoint holding it under ``model``), or converted in
+    memory from a .caffemodel, which must then hold an ASPP head for ``dataset.n_classes`` classes."""
+    if path.suffix.lower() != ".caffemodel":
+        return read_state_dict(path)
+    from deeplab.caffe import CaffeError, convert, read_caffemodel
+
+    try:
+        layers = read_caffemodel(path)
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: {e.strerror or e}") from None
+    try:
+        state, log = convert(layers, p.dataset.n_classes, p.model.n_blocks, p.model.width)
+    except CaffeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    fresh = [line for line in log if line.startswith("ASPP head") and "fresh" in line]
+    if fresh:
+        raise ValueError(f"{path}: {fresh[0].split(':')[0]}: no trained classifier for "
+                         f"{p.dataset.n_classes} classes (set the class count with --n-classes or --params)")
+    return state
+
+
+def load_model(path: Path, p: Params) -> MSC:
+    """The MSC model of ``p.model`` / ``p.dataset.n_classes`` with every tensor from ``path`` (strict: a head
+    of another class count is an error, never a random head), in eval mode."""
+    m = p.model
+    model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
+    state = read_weights(path, p)
+    own = model.state_dict()
+    wrong = [k for k, v in own.items() if k not in state or state[k].shape != v.shape]
+    wrong += [k for k in state if k not in own]
+    if wrong:
+        raise ValueError(f"{path}: weights do not fit the model: the file has {architecture(state)}, the params "
+                         f"give {architecture(own)} ({len(wrong)} tensors differ, e.g. {wrong[0]}); set the "
+                         "architecture with --params and the class count with --n-classes")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def network_size(h: int, w: int, max_size: int | None) -> tuple[int, int]:
+    """The (h, w) the network sees: shrunk so the long side is at most ``max_size``, enlarged so the short side
+    is at least ``MIN_SIDE``."""
+    s = 1.0
+    if max_size and max(h, w) > max_size:
+        s = max_size / max(h, w)
+    if min(h, w) * s < MIN_SIDE:
+        s = MIN_SIDE / min(h, w)
+    return (h, w) if s == 1.0 else (max(1, round(h * s)), max(1, round(w * s)))
+
+
+def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int = 16) -> torch.Tensor:
+    """argmax over classes of the bilinearly upsampled (C, h, w) logits (as ``upsample_probs``, whose softmax
+    does not change the argmax), ``chunk`` classes at a time: full-size memory is ``chunk`` maps, not C."""
+    best_value = best_index = None
+    for c0 in range(0, logits.shape[0], chunk):
+        up = F.interpolate(logits[None, c0:c0 + chunk].float(), size=size, mode="bilinear", align_corners=False)[0]
+        value, index = up.max(0)
+        if best_value is None:
+            best_value, best_index = value, index
+        else:
+            better = value > best_value  # strict: ties keep the lower class, as argmax does
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + c0, best_index)
+    return best_index.to(torch.uint8)
+
+
+def predict_label(model: MSC, rgb: np.ndarray, mean_bgr: Sequence[float], device: torch.device,
+                  max_size: int | None = None, crf: CrfConfig | None = None, amp: bool = False) -> np.ndarray:
+    """(H, W) uint8 class map of an RGB image (H, W, 3) at its own size."""
+    h, w = rgb.shape[:2]
+    nh, nw = network_size(h, w, max_size)
+    net_rgb = rgb if (nh, nw) == (h, w) else np.array(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    logits = predict_logits(model, to_input(net_rgb, mean_bgr)[None].to(device), amp)[0]
+    if crf is None:
+        return upsample_argmax(logits, (h, w)).cpu().numpy()
+    from deeplab.crf import dense_crf, reference_quirk_image
+
+    # The CRF runs at the network's size: with --max-size that bounds its cost too.
+    probs = upsample_probs(logits, (nh, nw)).cpu().numpy()
+    ref = reference_quirk_image(net_rgb, mean_bgr) if crf.reference_image_quirk else net_rgb
+    label = dense_crf(probs, ref, crf)
+    if (nh, nw) != (h, w):
+        label = np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))
+    return label
+
+
+def write_outputs(out: Path, stem: str, rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> tuple[Path, Path]:
+    """``<stem>_label.png`` (palette PNG, VOC colours) and ``<stem>_overlay.png``, both written atomically."""
+    label_path, overlay_path = out / f"{stem}_label.png", out / f"{stem}_overlay.png"
+    write_label(label_path, label)
+    atomic_save(overlay(rgb, label, names), overlay_path)
+    return label_path, overlay_path
+
+
+def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: Path | None = None,
+                   dataset: str | None = None, n_classes: int | None = None, crf: bool = False,
+                   max_size: int | None = None, device: str = "auto",
+                   echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> int:
+    """Predict every image of ``inputs`` into ``out``; ``echo`` gets one line per image written, ``warn`` one
+    line per input that failed (named), and the rest still run. Returns the number of failures. Raises before
+    any image if the params, the weights or the device are wrong, or if there is no image at all."""
+    from deeplab.train import pick_device
+
+    p = resolve_params(params, dataset, n_classes)
+    paths, errors = find_images(inputs)
+    for message in errors:
+        warn(message)
+    if not paths:
+        raise DataError("no images to predict")
+    dev = pick_device(device)
+    model = load_model(weights, p).to(dev)
+    names = class_names(p.dataset.name, p.dataset.n_classes)
+    amp = p.logits.amp and dev.type == "cuda"
+    failed = len(errors)
+    for path, stem in zip(paths, output_stems(paths), strict=True):
+        try:
+            rgb = read_image(path)
+            label = predict_label(model, rgb, p.dataset.mean_bgr, dev, max_size, p.crf if crf else None, amp)
+            label_path, overlay_path = write_outputs(out, stem, rgb, label, names)
+        except DataError as e:  # names the file already
+            warn(str(e))
+            failed += 1
+        except (RuntimeError, OSError, ValueError) as e:  # out of memory, a failed write: this image only
+            warn(f"{path}: {e}")
+            failed += 1
+        else:
+            present = ", ".join(name for _, name in present_classes(label, names))
+            echo(f"{path} -> {label_path}, {overlay_path} ({present})")
+    return failed

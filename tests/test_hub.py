@@ -1,0 +1,69 @@
+"""torch.hub entry point, loaded the way users load it: ``torch.hub.load(<repo>, ..., source="local")``."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeplab.models import MSC, build_model, init_from_scratch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"n_blocks": (1, 1, 1, 1), "width": 8}
+
+
+def hub(**kwargs: object) -> MSC:
+    return torch.hub.load(str(REPO), "deeplabv2_resnet101", source="local", **kwargs)
+
+
+def test_hubconf_needs_only_torch():
+    spec = importlib.util.spec_from_file_location("hubconf_under_test", REPO / "hubconf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.dependencies == ["torch"]
+    assert "ResNet-101" in module.deeplabv2_resnet101.__doc__
+
+
+def test_resnet101_weights_round_trip(tmp_path):
+    ref = build_model(21)
+    init_from_scratch(ref, 3)
+    path = tmp_path / "r101.pt"
+    torch.save(ref.state_dict(), path)
+    model = hub(n_classes=21, weights=str(path))
+    assert isinstance(model, MSC) and not model.training and model.scales == (0.5, 0.75)
+    got = model.state_dict()
+    assert got.keys() == ref.state_dict().keys()
+    assert len(got) > 500  # ResNet-101: 104 conv+BN units
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got[k], v), k
+
+
+def test_small_variant_checkpoint_and_forward(tmp_path):
+    ref = build_model(5, **SMALL)
+    init_from_scratch(ref, 0)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": ref.state_dict(), "iteration": 3}, path)
+    model = hub(n_classes=5, weights=path, scales=(0.75,), **SMALL)
+    assert model.scales == (0.75,)
+    ref.scales = (0.75,)
+    x = torch.randn(1, 3, 41, 53, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(out, ref.eval()(x))
+    assert out.shape == (1, 5, 6, 7)
+
+    fresh = hub(n_classes=5, **SMALL)  # no weights: the fresh model
+    assert not fresh.training
+
+
+def test_head_of_another_class_count_is_an_error(tmp_path):
+    path = tmp_path / "five.pt"
+    torch.save(build_model(5, **SMALL).state_dict(), path)
+    with pytest.raises(ValueError, match=r"five\.pt.*n_classes=3.*5 classes"):
+        hub(n_classes=3, weights=str(path), **SMALL)
+    with pytest.raises(ValueError, match=r"five\.pt: weights do not fit"):
+        hub(n_classes=5, weights=str(path), n_blocks=(1, 1, 2, 1), width=8)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        hub(n_classes=5, weights=str(tmp_path / "missing.pt"), **SMALL)
