@@ -3,10 +3,12 @@
 The Gaussian filters use the permutohedral lattice of Adams et al. (2010) exactly as Krähenbühl's densecrf
 (`permutohedral.cpp`) builds it: same elevation, rounding, simplex ranks, barycentric weights, vertex numbering
 (first use), blur (centre 1, neighbours 1/2 along each of the d+1 lattice directions, in order) and the
-`1 / (1 + 2^-d)` slice factor. Splat, each blur direction and slice are sparse row operators built once per image
-and applied with `embedding_bag(mode="sum", per_sample_weights=...)`: a fused gather + weighted sum over
-contiguous (rows, classes) float32 matrices, the fastest sparse x dense product PyTorch has on CPU. The
-NORMALIZE_SYMMETRIC factors and the Potts weight are folded into the splat and slice weights.
+`1 / (1 + 2^-d)` slice factor. Lattice keys are packed into int64 and deduplicated with one sort; blur neighbours
+are found by binary search. Splat, blur and slice become sparse row operators, built once per image, applied with
+`embedding_bag(mode="sum", per_sample_weights=...)`: a fused gather + weighted sum over contiguous (rows, classes)
+float32 matrices, the fastest sparse x dense product PyTorch has on CPU (2-4x faster than MKL's CSR product). The
+Gaussian and bilateral lattices are stacked into one and consecutive blur directions composed, so a mean-field
+iteration is 4 such products; the NORMALIZE_SYMMETRIC factors and Potts weights are folded into the weights.
 
 Mean field as `DenseCRF::inference`: U = -log(clip(p, 1e-5, 1)) (`pydensecrf.utils.unary_from_softmax`),
 Q = softmax(-U), then `iterations` times Q = softmax(-U + sum_k w_k n_k K_k(n_k Q)) with n_k = 1 / sqrt(K_k 1):
@@ -26,13 +28,15 @@ from deeplab.config import CrfConfig
 
 # Clip of pydensecrf.utils.unary_from_softmax.
 UNARY_CLIP = 1e-5
-# CPU: classes are filtered in chunks whose largest buffer stays under glibc's 32 MiB dynamic mmap threshold,
-# so freed buffers are reused instead of page-faulted in again each product; narrow rows also gather better.
-CPU_CHUNK_BYTES = 24 * 2**20
+# CPU: classes filtered at once. Rows of ~16-24 floats gather best (measured at 513x513: 21 classes in one chunk
+# beat two of 11; at 182 classes chunks of 16-32 beat 8 and 46+ by 1.2-1.7x).
+CPU_CHUNK_CLASSES = 24
 
 # A sparse row operator (indices, offsets, weights): row r of `op @ x` is
 # sum(weights[k] * x[indices[k]] for k in range(offsets[r], offsets[r + 1])); len(offsets) = rows + 1.
 Operator = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Rows of fixed width k: (R, k) indices and (R, k) weights.
+Fixed = tuple[torch.Tensor, torch.Tensor]
 
 
 def apply_op(op: Operator, x: torch.Tensor) -> torch.Tensor:
@@ -61,20 +65,19 @@ def elevate(features: torch.Tensor) -> torch.Tensor:
     return elevated
 
 
-def simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Enclosing simplex of each elevated point: (N, d+1, d) integer vertex keys (the first d coordinates
-    determine the vertex) and (N, d+1) barycentric weights, both indexed by remainder as densecrf's
-    offset_ / barycentric_."""
+def simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Enclosing simplex of each elevated point, as densecrf's `Permutohedral::init`: (N, d+1) remainder-0
+    point rem0 (int64), rank of each coordinate, and barycentric weights indexed by remainder. Vertex r of the
+    simplex has coordinates rem0_i + r - (d+1) [rank_i > d - r]."""
     n, d1 = elevated.shape
     d = d1 - 1
-    idx = torch.arange(d1, device=elevated.device)
     down = float(np.float32(1.0 / d1))
     # Nearest remainder-0 point; torch.round is half-to-even like the SSE conversion densecrf uses.
     v = torch.round(elevated * down)
     rem0 = v * d1
     total = v.sum(1).long()
-    # rank[i]: position of coordinate i in the descending order of elevated - rem0, ties broken by densecrf's
-    # pairwise loop (pair i < j: diff_i < diff_j ranks i down, else j).
+    # rank_i: position of coordinate i in the descending order of elevated - rem0, ties broken as densecrf's
+    # pairwise loop does (pair i < j: diff_i < diff_j ranks i down, else j).
     diff = (elevated - rem0).T.contiguous()
     rank = torch.zeros(d1, n, dtype=torch.long, device=elevated.device)
     for i in range(d):
@@ -93,10 +96,7 @@ def simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bary = torch.empty_like(v)
     bary[:, 1:] = by_rank[:, :d].flip(1) - by_rank[:, 1:].flip(1)
     bary[:, 0] = by_rank[:, d] + (1 - by_rank[:, 0])
-    # Vertex of remainder r: rem0 plus the canonical simplex's vertex r permuted by rank.
-    r = idx[None, :, None]
-    keys = rem0.long()[:, None, :d] + r - d1 * (rank[:, None, :d] > d - r).long()
-    return keys, bary
+    return rem0.long(), rank, bary
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -105,28 +105,68 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def lattice_operators(features: torch.Tensor) -> list[Operator]:
-    """Operators [splat (M x N), blur_0 .. blur_d (M x M), slice (N x M)] of densecrf's unnormalised
-    `Permutohedral::compute` for (B, N_b, d) float32 features: B images with separate lattices, N = B * N_b rows
-    (image-major, pixels row-major)."""
+def _fixed(idx: torch.Tensor, w: torch.Tensor, shift: int = 0) -> Operator:
+    """Operator from fixed-width rows (R, k) of indices and weights, indices + shift."""
+    r, k = idx.shape
+    return idx.reshape(-1) + shift, torch.arange(0, r * k + 1, k, device=idx.device), w.reshape(-1)
+
+
+def _compact(idx: torch.Tensor, w: torch.Tensor, shift: int = 0) -> Operator:
+    """`_fixed` without the zero-weight entries."""
+    keep = w != 0
+    return idx.masked_select(keep) + shift, _offsets(keep.sum(1)), w.masked_select(keep)
+
+
+def _then(op: Operator, blur: Fixed) -> Operator:
+    """`op @ blur` (op applied after the blur): each entry of `op` expands into the blur's row of the vertex it
+    reads. Repeated indices in a row are left as they are (embedding_bag sums them; for d >= 2 the lattice
+    directions are independent, so paths never meet anyway)."""
+    idx, offsets, w = op
+    bi, bw = blur
+    bi, bw = bi.index_select(0, idx), bw.index_select(0, idx) * w[:, None]
+    keep = bw != 0
+    kept = torch.zeros(idx.numel() + 1, dtype=torch.long, device=idx.device)
+    torch.cumsum(keep.sum(1), 0, out=kept[1:])
+    return bi.masked_select(keep), kept.index_select(0, offsets), bw.masked_select(keep)
+
+
+def _stack(ops: list[Operator]) -> Operator:
+    """The rows of each operator in turn."""
+    nnz = np.cumsum([0] + [op[0].numel() for op in ops]).tolist()
+    offsets = [op[1][:-1] + base for op, base in zip(ops, nnz, strict=False)] + [ops[0][1].new_tensor(nnz[-1:])]
+    return torch.cat([op[0] for op in ops]), torch.cat(offsets), torch.cat([op[2] for op in ops])
+
+
+def build_lattice(features: torch.Tensor) -> tuple[Operator, list[Fixed], Fixed]:
+    """Densecrf's permutohedral lattice for (B, N_b, d) float32 features (B images with separate lattices,
+    N = B * N_b pixels, image-major, row-major within an image): splat (M x N), one blur per lattice direction
+    in order (fixed rows of 3 over M vertices: centre 1, neighbours 1/2, a missing neighbour as the centre with
+    weight 0) and slice (N x M, fixed rows of d+1, including the 1 / (1 + 2^-d) factor).
+    `slice @ blur_d @ ... @ blur_0 @ splat @ x` is densecrf's unnormalised `Permutohedral::compute(x)`."""
     b, nb, d = features.shape
     d1 = d + 1
     n, n_entries = b * nb, b * nb * d1
     dev = features.device
-    keys, bary = simplex(elevate(features.reshape(n, d)))
-    keys = keys.reshape(n_entries, d)
+    rem0, rank, bary = simplex(elevate(features.reshape(n, d)))
 
-    # Pack keys into one int64 (mixed radix); the d+1 margin keeps every blur neighbour inside its digit, so
-    # neighbour keys are the packed key plus a constant and never carry into the image digit.
-    lo = keys.amin(0) - d1
-    span = (keys.amax(0) - lo + d1 + 1).tolist()
+    # Vertex keys (first d coordinates) packed into one int64, mixed radix. A margin of d+1 on both sides keeps
+    # every blur neighbour inside its digit, so neighbour keys are the packed key plus a constant and never carry.
+    lo = rem0[:, :d].amin(0) - 2 * d1
+    span = (rem0[:, :d].amax(0) + 2 * d1 - lo + 1).tolist()
     if b * math.prod(span) >= 2**62:
         raise ValueError(f"lattice keys do not fit into int64 (spans {span}): features too spread out")
     strides = [math.prod(span[k + 1:]) for k in range(d)]
-    packed = ((keys - lo) * torch.tensor(strides, device=dev)).sum(1)
+    stride = torch.tensor(strides + [0], device=dev)
+    base = ((rem0[:, :d] - lo) * stride[:d]).sum(1)
     if b > 1:
-        packed += torch.arange(b, device=dev).repeat_interleave(nb * d1) * math.prod(span)
-    del keys
+        base += torch.arange(b, device=dev).repeat_interleave(nb) * math.prod(span)
+    # Key of vertex r: base + r * sum(strides) - (d+1) * (sum of the strides of coordinates ranked above d - r),
+    # the latter an exclusive cumulative sum over ranks d, d-1, ...
+    by_rank = torch.zeros_like(rank).scatter_(1, rank, stride.expand(n, d1)).flip(1)
+    above = torch.zeros_like(rank)
+    torch.cumsum(by_rank[:, :d], 1, out=above[:, 1:])
+    packed = (base[:, None] + torch.arange(d1, device=dev) * sum(strides) - d1 * above).reshape(-1)
+    del rem0, rank, by_rank, above
 
     # Deduplicate with one stable sort: groups of equal keys, entries ascending within each group.
     sorted_keys, perm = packed.sort(stable=True)
@@ -141,49 +181,86 @@ def lattice_operators(features: torch.Tensor) -> list[Operator]:
     # which keeps the gathers cache-friendly.
     order = perm[starts].argsort()
     renum = torch.empty_like(order)
-    renum[order] = torch.arange(m, device=dev)
+    renum.scatter_(0, order, torch.arange(m, device=dev))
     vertex = torch.empty_like(perm)
-    vertex[perm] = renum[group]
+    vertex.scatter_(0, perm, renum.index_select(0, group))
 
     # Splat = transpose of slice: row k gathers the entries of vertex k (old group order[k]) in pixel order.
-    counts = counts[order]
+    counts = counts.index_select(0, order)
     offsets = _offsets(counts)
-    src = torch.arange(n_entries, device=dev) + (starts[order] - offsets[:-1]).repeat_interleave(
+    src = torch.arange(n_entries, device=dev) + (starts.index_select(0, order) - offsets[:-1]).repeat_interleave(
         counts, output_size=n_entries)
-    entries = perm[src]
-    ops = [(entries // d1, offsets, bary.reshape(-1)[entries])]
+    entries = perm.index_select(0, src)
+    splat = (entries // d1, offsets, bary.reshape(-1).index_select(0, entries))
 
-    # Blur neighbours along direction j: key - 1 on every coordinate except key_j + d (and the opposite).
-    # Queries in sorted key order keep the binary searches cache-friendly; rows are reordered afterwards.
+    # Blur neighbours along direction j: key - 1 on every coordinate except key_j + d, and the opposite, found by
+    # binary search of the sorted keys; the opposite relation is the inverse map, so one search per direction.
     deltas = torch.tensor([-sum(strides) + (d1 * strides[j] if j < d else 0) for j in range(d1)], device=dev)
-    queries = torch.cat([uniq[None] + deltas[:, None], uniq[None] - deltas[:, None]])  # (2(d+1), M)
+    queries = uniq[None] + deltas[:, None]
     pos = torch.searchsorted(uniq, queries).clamp_(max=m - 1)
-    found = (uniq[pos] == queries)[:, order]
-    nbr = renum[pos][:, order]
-    # Fixed bags of 3 (centre 1, neighbours 1/2); a missing neighbour reads the centre row with weight 0.
+    fwd = torch.where(uniq[pos] == queries, pos, m)  # old ids; m: none
+    bwd = torch.full((d1, m + 1), m, dtype=torch.long, device=dev)
+    bwd.scatter_(1, fwd, torch.arange(m, device=dev).expand(d1, m))
+    renum_ext = torch.cat([renum, renum.new_tensor([m])])
+    # (2(d+1), M): new ids (m: none), rows in new order.
+    nbrs = renum_ext[torch.cat([fwd, bwd[:, :m]]).index_select(1, order)]
     rows = torch.arange(m, device=dev)
-    bag_offsets = torch.arange(0, 3 * m + 1, 3, device=dev)
     one = torch.ones(m, device=dev)
+    blurs = []
     for j in range(d1):
-        cols = torch.stack([rows, torch.where(found[j], nbr[j], rows), torch.where(found[d1 + j], nbr[d1 + j], rows)], 1)
-        weights = torch.stack([one, found[j] * 0.5, found[d1 + j] * 0.5], 1)
-        ops.append((cols.reshape(-1), bag_offsets, weights.reshape(-1)))
-
+        n1, n2 = nbrs[j], nbrs[d1 + j]
+        blurs.append((torch.stack([rows, torch.where(n1 < m, n1, rows), torch.where(n2 < m, n2, rows)], 1),
+                      torch.stack([one, (n1 < m) * 0.5, (n2 < m) * 0.5], 1)))
     alpha = 1.0 / (1.0 + 2.0 ** -d)
-    ops.append((vertex, torch.arange(0, n_entries + 1, d1, device=dev), (bary * alpha).reshape(-1)))
+    return splat, blurs, (vertex.view(n, d1), bary * alpha)
+
+
+def lattice_operators(features: torch.Tensor) -> list[Operator]:
+    """[splat, blur_0, ..., blur_d, slice] of `build_lattice` as operators: densecrf's unnormalised filter."""
+    splat, blurs, slice_ = build_lattice(features)
+    return [splat, *(_fixed(*blur) for blur in blurs), _fixed(*slice_)]
+
+
+def crf_operators(kernels: list[tuple[torch.Tensor, float]], blur_group: int = 3) -> list[Operator]:
+    """Operators of the summed pairwise messages sum_k w_k n_k K_k(n_k x), n_k = 1 / sqrt(K_k 1) (densecrf's
+    DIAG_KERNEL, NORMALIZE_SYMMETRIC, Potts weight w_k), for kernels given as ((B, N_b, d_k) features, w_k).
+
+    All lattices are stacked into one: splat and slice are single products, and the blurs run in stages that
+    each apply `blur_group` consecutive directions of every lattice at once (composed rows of up to 3^group
+    entries): fewer passes over the (vertices, classes) matrix, which is what costs on CPU."""
+    parts = []
+    for features, weight in kernels:
+        splat, blurs, (vertex, bary) = build_lattice(features)
+        ops = [splat, *(_fixed(*blur) for blur in blurs), _fixed(vertex, bary)]
+        ones = torch.ones(vertex.shape[0], 1, dtype=torch.float32, device=features.device)
+        norm = (apply_chain(ops, ones)[:, 0] + 1e-20).rsqrt()
+        splat = (splat[0], splat[1], splat[2] * norm.index_select(0, splat[0]))
+        parts.append((splat, blurs, (vertex, bary * (norm * weight)[:, None]), splat[1].numel() - 1))
+    n_stages = max(math.ceil(len(blurs) / blur_group) for _, blurs, _, _ in parts)
+    shifts = np.cumsum([0] + [m for *_, m in parts]).tolist()
+    stages = [[] for _ in range(n_stages)]
+    for (_, blurs, _, m), shift in zip(parts, shifts, strict=False):
+        sizes = [len(blurs) // n_stages + (s < len(blurs) % n_stages) for s in range(n_stages)]
+        start = 0
+        for s, size in enumerate(sizes):
+            if size == 0:
+                rows = torch.arange(m, device=blurs[0][0].device)
+                stages[s].append((rows + shift, _offsets(torch.ones_like(rows)), torch.ones(m, device=rows.device)))
+                continue
+            op = _compact(*blurs[start + size - 1])
+            for blur in blurs[start:start + size - 1][::-1]:
+                op = _then(op, blur)
+            stages[s].append((op[0] + shift, op[1], op[2]))
+            start += size
+    splat = _stack([p[0] for p in parts])
+    blur_ops = [_stack(stage) for stage in stages]
+    vertex = torch.cat([v + shift for (_, _, (v, _), _), shift in zip(parts, shifts, strict=False)], 1)
+    bary = torch.cat([w for _, _, (_, w), _ in parts], 1)
+    ops = [splat, *blur_ops, _fixed(vertex, bary)]
+    # int32 indices: less to read per entry (embedding_bag wants indices and offsets of one dtype).
+    if max(op[0].numel() for op in ops) < 2**31:
+        ops = [(idx.int(), offsets.int(), w) for idx, offsets, w in ops]
     return ops
-
-
-def normalized_operators(features: torch.Tensor, weight: float) -> list[Operator]:
-    """Operators of `weight * n * K(n * x)`, n = 1 / sqrt(K 1): densecrf's DIAG_KERNEL with
-    NORMALIZE_SYMMETRIC, times the Potts weight."""
-    ops = lattice_operators(features)
-    ones = torch.ones(ops[-1][1].numel() - 1, 1, dtype=torch.float32, device=features.device)
-    norm = (apply_chain(ops, ones)[:, 0] + 1e-20).rsqrt()
-    (s_idx, s_off, s_w), (t_idx, t_off, t_w) = ops[0], ops[-1]
-    d1 = t_off[1].item()
-    return [(s_idx, s_off, s_w * norm[s_idx]), *ops[1:-1],
-            (t_idx, t_off, t_w * (norm * weight).repeat_interleave(d1))]
 
 
 def crf_features(rgb: torch.Tensor, cfg: CrfConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,31 +278,33 @@ def crf_features(rgb: torch.Tensor, cfg: CrfConfig) -> tuple[torch.Tensor, torch
     return gauss, bilateral
 
 
-def _softmax_(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """In-place softmax over the classes of a row-aligned list of (N, c_i) class chunks."""
-    top = chunks[0].amax(1, keepdim=True)
-    for x in chunks[1:]:
-        torch.maximum(top, x.amax(1, keepdim=True), out=top)
-    total = torch.zeros_like(top)
+def _softmax_(chunks: list[torch.Tensor], bounded: bool) -> list[torch.Tensor]:
+    """In-place softmax over the classes of row-aligned (N, k) class chunks. `bounded`: the logits are known to lie
+    in [-80, 0], so exp needs no max subtraction (same result up to rounding; saves passes over the data)."""
+    if not bounded:
+        # Elementwise across chunks first: a row reduction over a few contiguous classes is slow.
+        top = chunks[0].clone()
+        for x in chunks[1:]:
+            torch.maximum(top, x, out=top)
+        top = top.amax(1, keepdim=True)
+        for x in chunks:
+            x.sub_(top)
+    total = None
     for x in chunks:
-        x.sub_(top).exp_()
-        total += x.sum(1, keepdim=True)
+        x.exp_()
+        total = x.clone() if total is None else total.add_(x)
+    total = total.sum(1, keepdim=True)
     for x in chunks:
         x.div_(total)
     return chunks
 
 
-def _chunk_size(n_classes: int, rows: int, device: torch.device) -> int:
-    if device.type != "cpu":
-        return n_classes
-    return max(1, min(n_classes, CPU_CHUNK_BYTES // (4 * rows)))
-
-
+@torch.no_grad()
 def mean_field(probs: torch.Tensor, rgb: torch.Tensor | np.ndarray, cfg: CrfConfig,
                class_chunk: int | None = None) -> torch.Tensor:
     """(B, C, H, W) marginals Q after `cfg.iterations` mean-field iterations of pydensecrf2's dense CRF;
-    arguments as `dense_crf_torch`. `class_chunk`: classes filtered at once (default: all on GPU, a cache- and
-    allocator-friendly number on CPU)."""
+    arguments as `dense_crf_torch`. `class_chunk`: most classes filtered at once (default: all on GPU,
+    CPU_CHUNK_CLASSES on CPU)."""
     if probs.dim() == 3:
         probs = probs[None]
     dev = probs.device
@@ -236,24 +315,31 @@ def mean_field(probs: torch.Tensor, rgb: torch.Tensor | np.ndarray, cfg: CrfConf
     if tuple(rgb.shape) != (b, h, w, 3) or rgb.dtype != torch.uint8:
         raise ValueError(f"rgb must be uint8 {(b, h, w, 3)} for probs {tuple(probs.shape)}, got "
                          f"{rgb.dtype} {tuple(rgb.shape)}")
+    n = b * h * w
     gauss, bilateral = crf_features(rgb, cfg)
-    chains = [normalized_operators(f, wt) for f, wt in ((gauss, cfg.pos_w), (bilateral, cfg.bi_w)) if wt != 0]
-    rows = max([b * h * w] + [op[1].numel() for ops in chains for op in ops])
-    chunk = class_chunk or _chunk_size(c, rows, dev)
-    # -U = log(clip(p)), (N, chunk) blocks: pixels as rows, classes contiguous (densecrf's column-major (C, N)).
-    pixels = probs.float().permute(0, 2, 3, 1).reshape(b * h * w, c)
-    neg_unary = [pixels[:, a:a + chunk].clone(memory_format=torch.contiguous_format).clamp_(UNARY_CLIP, 1.0).log_()
-                 for a in range(0, c, chunk)]
-    q = _softmax_([u.clone() for u in neg_unary])
-    for _ in range(cfg.iterations if chains else 0):
-        logits = []
-        for u, qk in zip(neg_unary, q, strict=True):
-            x = apply_chain(chains[0], qk)
-            for ops in chains[1:]:
-                x += apply_chain(ops, qk)
-            logits.append(x.add_(u))
-        q = _softmax_(logits)
-    return torch.cat(q, 1).view(b, h, w, c).permute(0, 3, 1, 2)
+    kernels = [(f, wt) for f, wt in ((gauss, cfg.pos_w), (bilateral, cfg.bi_w)) if wt != 0]
+    ops = crf_operators(kernels) if kernels and cfg.iterations else []
+    if class_chunk is None:
+        class_chunk = CPU_CHUNK_CLASSES if dev.type == "cpu" else c
+    n_chunks = math.ceil(c / class_chunk)
+    k = math.ceil(c / n_chunks)  # equal widths; the last chunk is padded with classes of probability 0
+    # Messages lie in [0, bound]: Q <= 1 and the weighted kernels are nonnegative. With log(clip(p)) in
+    # [log 1e-5, 0], logits - bound lie in [-11.6 - bound, 0], so softmax can skip the max subtraction.
+    bound = apply_chain(ops, torch.ones(n, 1, device=dev)) if ops else torch.zeros(n, 1, device=dev)
+    bounded = bool(bound.max() <= 60)
+    # -U = log(clip(p)) in (N, k) blocks: pixels as rows, classes contiguous (densecrf's column-major (C, N)).
+    pixels = probs.float().permute(0, 2, 3, 1).reshape(n, c)
+    neg_unary = []
+    for a in range(0, n_chunks * k, k):
+        u = torch.full((n, k), -math.inf, device=dev)
+        u[:, :min(k, c - a)] = pixels[:, a:a + k].clamp(UNARY_CLIP, 1.0).log()
+        neg_unary.append(u)
+    q = _softmax_([u.clone() for u in neg_unary], bounded=True)
+    if bounded:
+        neg_unary = [u.sub_(bound) for u in neg_unary]
+    for _ in range(cfg.iterations if ops else 0):
+        q = _softmax_([apply_chain(ops, qk).add_(u) for u, qk in zip(neg_unary, q, strict=True)], bounded)
+    return torch.cat(q, 1)[:, :c].view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def dense_crf_torch(probs: torch.Tensor, rgb: torch.Tensor | np.ndarray, cfg: CrfConfig,
