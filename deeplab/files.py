@@ -36,5 +36,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 def save_torch(obj: Any, path: str | Path) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file handle: given a path, torch.save names the zip's inner folder after the (temporary, per-pid)
+    # file name, and the same weights would hash differently on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
