@@ -201,8 +201,13 @@ def voc_layout_items(root: Path, split: str) -> list[Item]:
         raise DataError(f"{listing}: split list not found (dataset root {root})")
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     items = [Item(i, root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+    check_files(items, f"{root}: {listing.name}")
+    return items
+
+
+def check_files(items: Sequence[Item], source: str) -> None:
+    """Raise naming how many image/label files listed by ``source`` are missing, and the first one."""
     missing = [str(p) for it in items for p in (it.image, it.label) if not p.is_file()]
     if missing:
-        raise DataError(f"{root}: {len(missing)} files listed in {listing.name} are missing, e.g. {missing[0]}")
-    return items
+        raise DataError(f"{source}: {len(missing)} listed files are missing, e.g. {missing[0]}")
 

@@ -23,6 +23,7 @@ from deeplab.data import (
     DataError,
     Item,
     atomic_save,
+    check_files,
     read_image,
     voc_layout_items,
     write_label,
@@ -150,9 +151,7 @@ def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
         items = [Item(p.stem, p, root / "annotations" / split / f"{p.stem}.png") for p in images]
     if not items:
         raise DataError(f"{cfg.name} split {split!r} under {root} is empty")
-    missing = [str(p) for it in items for p in (it.image, it.label) if not p.is_file()]
-    if missing:
-        raise DataError(f"{cfg.name} split {split!r}: {len(missing)} listed files are missing, e.g. {missing[0]}")
+    check_files(items, f"{cfg.name} split {split!r}")
     return items
 
 

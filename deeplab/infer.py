@@ -24,6 +24,22 @@ def upsample_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.softmax(up, dim=0)
 
 
+def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int = 16) -> torch.Tensor:
+    """argmax over classes of the bilinearly upsampled (C, h, w) logits (as ``upsample_probs``, whose softmax
+    does not change the argmax), ``chunk`` classes at a time: full-size memory is ``chunk`` maps, not C."""
+    best_value = best_index = None
+    for c0 in range(0, logits.shape[0], chunk):
+        up = F.interpolate(logits[None, c0:c0 + chunk].float(), size=size, mode="bilinear", align_corners=False)[0]
+        value, index = up.max(0)
+        if best_value is None:
+            best_value, best_index = value, index
+        else:
+            better = value > best_value  # strict: ties keep the lower class, as argmax does
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + c0, best_index)
+    return best_index.to(torch.uint8)
+
+
 def save_logits(path: Path, logits: torch.Tensor) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.cpu().numpy().astype(np.float16))
@@ -51,6 +67,5 @@ def dump_logits(model: nn.Module, dataset: SegmentationDataset, logits_dir: Path
     for image, label, (image_id,) in tqdm(loader, desc="logits", unit="img"):
         logits = predict_logits(model, image.to(device, non_blocking=True), amp)[0]
         save_logits(logits_dir / f"{image_id}.npy", logits)
-        probs = upsample_probs(logits, tuple(label.shape[-2:]))
-        write_label(pred_dir / f"{image_id}.png", probs.argmax(0).to(torch.uint8).cpu().numpy())
+        write_label(pred_dir / f"{image_id}.png", upsample_argmax(logits, tuple(label.shape[-2:])).cpu().numpy())
     return len(subset)

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pydantic import ValidationError
 
 from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, load_params
 from deeplab.data import DataError, atomic_save, read_image, to_input, write_label
 from deeplab.datasets import CLASS_TABLES, class_names
-from deeplab.infer import predict_logits, upsample_probs
+from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
 from deeplab.models import MSC, build_model, read_state_dict
 from deeplab.viz import overlay, present_classes
 
@@ -152,22 +151,6 @@ def network_size(h: int, w: int, max_size: int | None) -> tuple[int, int]:
     if min(h, w) * s < MIN_SIDE:
         s = MIN_SIDE / min(h, w)
     return (h, w) if s == 1.0 else (max(1, round(h * s)), max(1, round(w * s)))
-
-
-def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int = 16) -> torch.Tensor:
-    """argmax over classes of the bilinearly upsampled (C, h, w) logits (as ``upsample_probs``, whose softmax
-    does not change the argmax), ``chunk`` classes at a time: full-size memory is ``chunk`` maps, not C."""
-    best_value = best_index = None
-    for c0 in range(0, logits.shape[0], chunk):
-        up = F.interpolate(logits[None, c0:c0 + chunk].float(), size=size, mode="bilinear", align_corners=False)[0]
-        value, index = up.max(0)
-        if best_value is None:
-            best_value, best_index = value, index
-        else:
-            better = value > best_value  # strict: ties keep the lower class, as argmax does
-            best_value = torch.where(better, value, best_value)
-            best_index = torch.where(better, index + c0, best_index)
-    return best_index.to(torch.uint8)
 
 
 def predict_label(model: MSC, rgb: np.ndarray, mean_bgr: Sequence[float], device: torch.device,

@@ -15,7 +15,7 @@ from deeplab.caffe import write_caffemodel
 from deeplab.cli import app
 from deeplab.config import CrfConfig, ParamsError
 from deeplab.data import PALETTE, read_label, to_input
-from deeplab.infer import predict_logits, upsample_probs
+from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
 from deeplab.models import build_model, init_from_scratch
 from deeplab.predict import (
     MIN_SIDE,
@@ -25,7 +25,6 @@ from deeplab.predict import (
     output_stems,
     predict_label,
     resolve_params,
-    upsample_argmax,
 )
 from deeplab.viz import present_classes
 
