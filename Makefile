@@ -23,7 +23,7 @@ repro: setup
 
 test: setup
 	ruff check .
-	pytest -q
+	pytest
 
 lint: setup
 	ruff check .

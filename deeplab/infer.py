@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from deeplab.data import SegmentationDataset, write_label
 from deeplab.files import atomic_path
+from deeplab.train import memory_hint
 
 
 def upsample_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -64,8 +65,10 @@ def dump_logits(model: nn.Module, dataset: SegmentationDataset, logits_dir: Path
     subset = list(indices) if indices is not None else list(range(len(dataset)))
     loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=1, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
+    hint = "inference runs one whole image at a time: set logits.amp: true (bf16 on CUDA), or logits.device: cpu"
     for image, label, (image_id,) in tqdm(loader, desc="logits", unit="img"):
-        logits = predict_logits(model, image.to(device, non_blocking=True), amp)[0]
+        with memory_hint(f"on image {image_id} ({image.shape[-2]}x{image.shape[-1]})", hint):
+            logits = predict_logits(model, image.to(device, non_blocking=True), amp)[0]
         save_logits(logits_dir / f"{image_id}.npy", logits)
         write_label(pred_dir / f"{image_id}.png", upsample_argmax(logits, tuple(label.shape[-2:])).cpu().numpy())
     return len(subset)

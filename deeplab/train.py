@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,29 @@ log = logging.getLogger(__name__)
 
 # Source files whose edits invalidate a checkpoint (the training loop, the model and the data pipeline).
 CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.py"))
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (non-finite loss, out of memory); the message says what to change."""
+
+
+@contextlib.contextmanager
+def memory_hint(what: str, hint: str) -> Iterator[None]:
+    """Turn an out-of-memory error (CUDA, or the CPU allocator) into a RunError that names the params
+    to lower instead of a bare allocator trace."""
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.cuda.OutOfMemoryError) \
+                and "can't allocate memory" not in first and "out of memory" not in first.lower():
+            raise
+        raise RunError(f"out of memory {what}: {hint} ({first})") from e
+
+
+def all_finite(tensors: Iterator[torch.Tensor]) -> bool:
+    """Whether every tensor is free of NaN and infinity, with one host sync."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def pick_device(device: str) -> torch.device:
@@ -223,14 +247,32 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         if dist.world > 1:
             torch.distributed.all_reduce(losses)
             losses /= dist.world
-        rows.extend((it, loss, lr) for (it, _, lr), loss in zip(pending, losses.tolist(), strict=True))
+        values = losses.tolist()
+        for (it, _, _), value in zip(pending, values, strict=True):
+            if not math.isfinite(value):
+                raise RunError(f"train: the loss is {value} at iteration {it}. {kept()}")
+        rows.extend((it, loss, lr) for (it, _, lr), loss in zip(pending, values, strict=True))
         pending.clear()
 
+    def kept() -> str:
+        if saved is None:
+            return "No checkpoint was written before it; lower train.lr or check the init weights and data."
+        return (f"The last good checkpoint, {checkpoint} at iteration {saved}, is kept: rerun to resume from it, "
+                "and if the loss diverges again lower train.lr (which starts over) or check the data.")
+
     def save_checkpoint(it: int) -> None:
+        nonlocal saved
+        if not all_finite(p.detach() for p in model.parameters()):
+            raise RunError(f"train: the weights are no longer finite after iteration {it}. {kept()}")
         if dist.rank == 0:
             save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
                         "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64)}, checkpoint)
+        saved = it
 
+    hint = (f"lower train.batch_size ({tcfg.batch_size}) or train.crop_size ({tcfg.crop_size}), and raise "
+            f"train.iter_size ({tcfg.iter_size}) to keep the effective batch of batch_size x iter_size x processes "
+            f"({per_iter * dist.world})" + ("; train.amp: true also saves memory" if fast and not tcfg.amp else ""))
+    saved: int | None = start or None
     pending: list[tuple[int, torch.Tensor, float]] = []
     bar = tqdm(range(start + 1, tcfg.iterations + 1), initial=start, total=tcfg.iterations, desc="train",
                unit="it", disable=dist.rank != 0)
@@ -238,8 +280,9 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         factor = poly_factor(it, tcfg.iterations, tcfg.poly_power, tcfg.lr_step)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        loss = train_step(net, opt, batches, tcfg.iter_size, device, amp=fast and tcfg.amp,
-                          channels_last=fast and tcfg.channels_last, ignore=dcfg.ignore_label)
+        with memory_hint(f"at training iteration {it}", hint):
+            loss = train_step(net, opt, batches, tcfg.iter_size, device, amp=fast and tcfg.amp,
+                              channels_last=fast and tcfg.channels_last, ignore=dcfg.ignore_label)
         pending.append((it, loss, opt.param_groups[0]["lr"]))
         if it % tcfg.log_every == 0 or it % tcfg.checkpoint_every == 0 or it == tcfg.iterations:
             flush(pending)

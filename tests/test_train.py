@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,15 @@ from PIL import Image
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
 from deeplab.data import write_list
 from deeplab.models import build_model, init_from_scratch
-from deeplab.train import multi_scale_loss, param_groups, poly_factor, resize_labels, train
+from deeplab.train import (
+    RunError,
+    memory_hint,
+    multi_scale_loss,
+    param_groups,
+    poly_factor,
+    resize_labels,
+    train,
+)
 
 
 def test_param_groups_follow_caffe_multipliers():
@@ -122,3 +131,51 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_setup):
     res = train(d, m, t.model_copy(update={"lr": 1e-3}), tmp / "train.txt", tmp / "init.pt", tmp / "a.pt",
                 tmp / "ck.pt", tmp / "a.csv")
     assert res.resumed_from == 0
+
+
+def test_diverging_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tiny_setup):
+    tmp, d, m = tiny_setup
+    # lr 0.05 from this init overflows to inf/nan within a few iterations; checkpoints every 2, log every 5.
+    t = TrainConfig(iterations=30, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=5,
+                    lr=0.05, deterministic=True)
+    with pytest.raises(RunError, match=r"at iteration (\d+)") as err:
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv")
+    bad = int(re.search(r"iteration (\d+)", str(err.value)).group(1))
+    ck = torch.load(tmp / "ck.pt", weights_only=True)
+    assert 2 <= ck["iteration"] < bad and f"at iteration {ck['iteration']}, is kept" in str(err.value)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert torch.isfinite(ck["log"]).all() and len(ck["log"]) == ck["iteration"]
+    assert not (tmp / "final.pt").exists() and not (tmp / "log.csv").exists()
+    # A rerun resumes from the kept checkpoint (and stops again at the same place: the run is deterministic).
+    with pytest.raises(RunError, match=f"at iteration {bad}"):
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv")
+
+
+def test_out_of_memory_names_the_params_to_lower():
+    with pytest.raises(RunError, match=r"out of memory at step 3: lower train.batch_size") as err:
+        with memory_hint("at step 3", "lower train.batch_size"):
+            torch.empty(2**62, dtype=torch.uint8)  # the CPU allocator refuses 4 EiB for real
+    assert "can't allocate memory" in str(err.value)
+    with pytest.raises(RunError, match="Tried to allocate"):
+        with memory_hint("at step 3", "lower train.batch_size"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(RuntimeError, match="unrelated") as other:  # other errors pass through untouched
+        with memory_hint("at step 3", "lower train.batch_size"):
+            raise RuntimeError("unrelated")
+    assert type(other.value) is RuntimeError
+
+
+def test_inference_out_of_memory_names_the_image(tiny_setup, monkeypatch):
+    from deeplab import infer
+    from deeplab.data import SegmentationDataset
+
+    tmp, d, m = tiny_setup
+    model = build_model(4, m.n_blocks, m.width)
+
+    def huge(model, image, amp=False):  # a real allocator failure, as a too-large image would cause
+        return torch.empty(2**62, dtype=torch.uint8)
+
+    monkeypatch.setattr(infer, "predict_logits", huge)
+    dataset = SegmentationDataset(tmp / "train.txt", d.mean_bgr)
+    with pytest.raises(RunError, match=r"out of memory on image \S+ \(48x48\): .*logits.amp"):
+        infer.dump_logits(model, dataset, tmp / "logits", tmp / "pred", torch.device("cpu"))
