@@ -126,8 +126,11 @@ class CrfConfig(Section):
     bi_xy_std: PositiveFloat = 67.0
     bi_rgb_std: PositiveFloat = 3.0
     bi_w: Annotated[float, Field(ge=0)] = 4.0
-    # null: all cores, capped by available memory.
+    # pydensecrf: worker processes; torch on CPU: threads. null: all cores (pydensecrf: capped by available memory).
     n_jobs: PositiveInt | None = None
+    # torch backend: images of one size per mean-field batch. null: what ~70% of free GPU memory holds (at most
+    # 16), 1 on CPU.
+    batch_size: PositiveInt | None = None
     # Reproduce the reference's bug of feeding the mean-subtracted BGR image cast to uint8 (parity checks only).
     reference_image_quirk: bool = False
 

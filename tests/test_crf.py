@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from deeplab.config import CrfConfig
-from deeplab.crf import choose_n_jobs, dense_crf, reference_quirk_image, run_crf, worker_memory
+from deeplab.crf import (
+    choose_n_jobs,
+    dense_crf,
+    reference_quirk_image,
+    run_crf,
+    torch_batch_size,
+    worker_memory,
+)
 from deeplab.data import Item, read_label
 from deeplab.infer import load_logits, save_logits
 
@@ -91,3 +98,33 @@ def test_dask_cluster_gives_the_loky_labels(tmp_path):
         assert np.array_equal(read_label(tmp_path / "loky" / name), read_label(tmp_path / "dask" / name))
     with pytest.raises(ValueError, match="crf.scheduler"):
         run_crf(items, tmp_path / "logits", tmp_path / "none", CrfConfig(parallel="dask"), (0, 0, 0), n_jobs=1)
+
+
+def test_torch_backend_batches_same_size_images_with_the_same_labels(tmp_path):
+    from PIL import Image
+
+    items = []
+    rng = np.random.default_rng(5)
+    for k, h in enumerate([40, 40, 48, 48, 40]):  # batches of 2: [40, 40], [48, 48], [40]
+        rgb, _, probs = two_region_case(h, 48)
+        Image.fromarray(np.roll(rgb, 3 * k, axis=1)).save(tmp_path / f"{k}.png")
+        noisy = np.log(probs + rng.uniform(0, 0.3, probs.shape)).astype(np.float32)
+        save_logits(tmp_path / "logits" / f"{k}.npy", torch.from_numpy(noisy[:, ::8, ::8].copy()))
+        items.append(Item(str(k), tmp_path / f"{k}.png", tmp_path / f"{k}.png"))
+    for batch_size in (1, 2):
+        cfg = CrfConfig(backend="torch", device="cpu", batch_size=batch_size)
+        assert run_crf(items, tmp_path / "logits", tmp_path / f"b{batch_size}", cfg, (0, 0, 0), n_jobs=1) == 5
+    run_crf(items, tmp_path / "logits", tmp_path / "pydensecrf", CrfConfig(), (0, 0, 0), n_jobs=1)
+    for it in items:
+        one, two = (read_label(tmp_path / f"b{b}" / f"{it.image_id}.png") for b in (1, 2))
+        assert one.shape == (40 if it.image_id in "014" else 48, 48) and np.array_equal(one, two)
+        assert (one == read_label(tmp_path / "pydensecrf" / f"{it.image_id}.png")).mean() > 0.999
+
+
+def test_torch_batch_size_from_free_memory():
+    assert torch_batch_size(torch.device("cpu"), 182, 513, 513) == 1
+    cuda = torch.device("cuda")
+    assert torch_batch_size(cuda, 182, 513, 513, free_bytes=80 * 2**30) == 16  # capped
+    assert torch_batch_size(cuda, 182, 513, 513, free_bytes=10 * 2**30) == 4  # ~1.7 GB per image
+    assert torch_batch_size(cuda, 21, 513, 513, free_bytes=10 * 2**30) == 11  # ~0.67 GB per image
+    assert torch_batch_size(cuda, 182, 513, 513, free_bytes=2**20) == 1
