@@ -109,7 +109,9 @@ class LogitsConfig(Section):
     # Shard the validation split over this many torchrun processes.
     nproc_per_node: PositiveInt = 1
     num_workers: NonNegInt = 0
+    # The CUDA fast path that bench/infer.py measures: bf16 autocast, channels_last, cudnn.benchmark.
     amp: bool = True
+    channels_last: bool = True
 
 
 class CrfConfig(Section):

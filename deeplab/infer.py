@@ -58,17 +58,20 @@ def predict_logits(model: nn.Module, image: torch.Tensor, amp: bool = False) -> 
 
 
 def dump_logits(model: nn.Module, dataset: SegmentationDataset, logits_dir: Path, pred_dir: Path,
-                device: torch.device, num_workers: int = 0, amp: bool = False,
+                device: torch.device, num_workers: int = 0, amp: bool = False, channels_last: bool = False,
                 indices: Iterable[int] | None = None) -> int:
     """Write ``<id>.npy`` (float16 stride-8 logits) and ``<id>.png`` (raw argmax) for each image."""
     model.eval().to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     subset = list(indices) if indices is not None else list(range(len(dataset)))
     loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=1, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     hint = "inference runs one whole image at a time: set logits.amp: true (bf16 on CUDA), or logits.device: cpu"
     for image, label, (image_id,) in tqdm(loader, desc="logits", unit="img"):
         with memory_hint(f"on image {image_id} ({image.shape[-2]}x{image.shape[-1]})", hint):
-            logits = predict_logits(model, image.to(device, non_blocking=True), amp)[0]
+            image = image.to(device, non_blocking=True).contiguous(memory_format=layout)
+            logits = predict_logits(model, image, amp)[0]
         save_logits(logits_dir / f"{image_id}.npy", logits)
         write_label(pred_dir / f"{image_id}.png", upsample_argmax(logits, tuple(label.shape[-2:])).cpu().numpy())
     return len(subset)

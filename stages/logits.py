@@ -34,10 +34,13 @@ def logits(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     shard = range(dist.rank, len(dataset), dist.world)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda  # the fast path is for GPUs only, as in training
 
     def run() -> int:
         return dump_logits(model, dataset, out, predictions, device, p.logits.num_workers,
-                           amp=p.logits.amp and device.type == "cuda", indices=shard)
+                           amp=p.logits.amp and cuda, channels_last=p.logits.channels_last and cuda,
+                           indices=shard)
 
     if under_torchrun():  # one shard of the job launched above
         n = run()
