@@ -139,8 +139,9 @@ def torch_batch_size(device: torch.device, n_classes: int, height: int, width: i
     ~24 bytes per pixel and class for the marginals (measured at 513x513: 0.6 GB at 21 classes, 1.5 GB at 182)."""
     if device.type != "cuda":
         return 1
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if free_bytes is None:  # free on the device plus what PyTorch's caching allocator holds unused
+        free_bytes = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                      - torch.cuda.memory_allocated(device))
     per_image = height * width * (2048 + 24 * n_classes)
     return int(max(1, min(16, 0.7 * free_bytes // per_image)))
 
@@ -171,8 +172,8 @@ def _run_torch(todo: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfCo
         torch.set_num_threads(cfg.n_jobs)
     log.info("crf: torch backend on %s", device if device.type == "cuda" else f"cpu, {torch.get_num_threads()} "
              "threads")
-    if device.type == "cuda" and cfg.batch_size != 1:  # group equal sizes: headers only, no decoding
-        todo = sorted(todo, key=lambda it: Image.open(it.image).size)
+    if (cfg.batch_size or 0) > 1 or (cfg.batch_size is None and device.type == "cuda"):
+        todo = sorted(todo, key=_image_size)  # equal sizes together, for batches (headers only, no decoding)
 
     def crf_batch(batch: list[tuple[Item, torch.Tensor, np.ndarray]]) -> list[torch.Tensor]:
         size = batch[0][2].shape[:2]
@@ -211,6 +212,11 @@ def _run_torch(todo: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfCo
             bar.update(len(batch))
         for w in writes:
             w.result()
+
+
+def _image_size(item: Item) -> tuple[int, int]:
+    with Image.open(item.image) as im:
+        return im.size
 
 
 def _same_size_batches(entries: Iterator[tuple], limit: Callable[[tuple], int]) -> Iterator[list[tuple]]:
