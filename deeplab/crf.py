@@ -24,6 +24,9 @@ from tqdm import tqdm
 
 from deeplab.config import CrfConfig
 from deeplab.data import Item, read_image, write_label
+from deeplab.infer import load_logits, upsample_probs
+from deeplab.permutohedral import dense_crf_torch
+from deeplab.train import memory_hint, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,6 @@ def reference_quirk_image(rgb: np.ndarray, mean_bgr: Sequence[float]) -> np.ndar
 
 def _load(item: Item, logits_dir: Path, cfg: CrfConfig, mean_bgr: Sequence[float]):
     """Stride-8 logits (C, h, w) float32 and the (H, W, 3) uint8 image the pairwise term sees."""
-    from deeplab.infer import load_logits
-
     rgb = read_image(item.image)
     logits = load_logits(logits_dir / f"{item.image_id}.npy")
     return logits, (reference_quirk_image(rgb, mean_bgr) if cfg.reference_image_quirk else rgb)
@@ -65,8 +66,6 @@ def crf_image(item: Item, logits_dir: Path, out_dir: Path, cfg: CrfConfig,
     torch.set_num_threads(1)
     out = out_dir / f"{item.image_id}.png"
     if not out.exists():
-        from deeplab.infer import upsample_probs
-
         logits, ref = _load(item, logits_dir, cfg, mean_bgr)
         write_label(out, dense_crf(upsample_probs(logits, ref.shape[:2]).numpy(), ref, cfg))
     return item.image_id
@@ -163,10 +162,6 @@ def _run_torch(todo: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfCo
                mean_bgr: Sequence[float]) -> None:
     """The PyTorch lattice in this process, on the GPU when there is one. Reading and writing run in threads
     beside the mean field, and images of one size are batched (sorted by size first) as memory allows."""
-    from deeplab.infer import upsample_probs
-    from deeplab.permutohedral import dense_crf_torch
-    from deeplab.train import memory_hint, pick_device
-
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.n_jobs:
         torch.set_num_threads(cfg.n_jobs)

@@ -61,9 +61,8 @@ def dump_logits(model: nn.Module, dataset: SegmentationDataset, logits_dir: Path
                 device: torch.device, num_workers: int = 0, amp: bool = False, channels_last: bool = False,
                 indices: Iterable[int] | None = None) -> int:
     """Write ``<id>.npy`` (float16 stride-8 logits) and ``<id>.png`` (raw argmax) for each image."""
-    model.eval().to(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=layout)
+    model.eval().to(device, memory_format=layout)
     subset = list(indices) if indices is not None else list(range(len(dataset)))
     loader = DataLoader(torch.utils.data.Subset(dataset, subset), batch_size=1, num_workers=num_workers,
                         pin_memory=device.type == "cuda")

@@ -44,10 +44,12 @@ def memory_hint(what: str, hint: str) -> Iterator[None]:
     to lower instead of a bare allocator trace."""
     try:
         yield
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.cuda.OutOfMemoryError) \
-                and "can't allocate memory" not in first and "out of memory" not in first.lower():
+    except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        oom = (isinstance(e, MemoryError | torch.cuda.OutOfMemoryError) or "can't allocate memory" in first
+               or "out of memory" in first.lower())
+        if not oom:
             raise
         raise RunError(f"out of memory {what}: {hint} ({first})") from e
 
@@ -247,11 +249,10 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         if dist.world > 1:
             torch.distributed.all_reduce(losses)
             losses /= dist.world
-        values = losses.tolist()
-        for (it, _, _), value in zip(pending, values, strict=True):
+        for (it, _, lr), value in zip(pending, losses.tolist(), strict=True):
             if not math.isfinite(value):
                 raise RunError(f"train: the loss is {value} at iteration {it}. {kept()}")
-        rows.extend((it, loss, lr) for (it, _, lr), loss in zip(pending, values, strict=True))
+            rows.append((it, value, lr))
         pending.clear()
 
     def kept() -> str:
