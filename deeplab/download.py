@@ -9,7 +9,6 @@ match them. ``extract`` refuses members that would land outside the target.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from deeplab import synthetic
 from deeplab.config import DatasetConfig
-from deeplab.files import write_json
+from deeplab.files import file_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,6 @@ class DownloadError(RuntimeError):
     """A download failed for good, or its file did not verify; the message names URL or file."""
 
 
-def _hash(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def published(archive: Archive) -> dict[str, object]:
     return {k: v for k, v in (("size", archive.size), ("md5", archive.md5), ("sha1", archive.sha1)) if v is not None}
 
@@ -91,9 +82,9 @@ def published(archive: Archive) -> dict[str, object]:
 def verify(path: Path, url: str, expected: dict[str, object], name: str | None = None) -> dict[str, object]:
     """Check ``path`` against every expected value (size, md5, sha1, sha256); raise with expected and actual
     values on a mismatch. Returns what was measured (size, sha256), to record where nothing was published."""
-    seen: dict[str, object] = {"size": path.stat().st_size, "sha256": _hash(path, "sha256")}
+    seen: dict[str, object] = {"size": path.stat().st_size, "sha256": file_hash(path, "sha256")}
     for key, want in expected.items():
-        got = seen[key] if key in seen else _hash(path, key)
+        got = seen[key] if key in seen else file_hash(path, key)
         if got != want:
             raise DownloadError(f"{name or path.name}: {key} mismatch: expected {want}, got {got} (from {url})")
     return seen

@@ -1,8 +1,9 @@
-"""Atomic file output: write to a temporary name beside the target, rename when complete."""
+"""Atomic file output (write to a temporary name beside the target, rename when complete) and file digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -40,3 +41,9 @@ def save_torch(obj: Any, path: str | Path) -> None:
     # file name, and the same weights would hash differently on every run.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
+
+
+def file_hash(path: str | Path, algo: str = "md5") -> str:
+    """Hex digest of a file, read in chunks (md5 matches what dvc.lock records)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algo).hexdigest()

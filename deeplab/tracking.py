@@ -9,13 +9,14 @@ the same tags, so the runs of one ``dvc repro`` sit together in the UI.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from deeplab.files import file_hash
 
 EXPERIMENT = "deeplab"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -46,14 +47,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def file_md5(path: str | Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _experiment_id(client: Any) -> str:
@@ -106,7 +99,7 @@ def stage_run(stage: str, params: Any) -> Iterator[Any]:
     commit = git_commit()
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     params_file = Path("params.yaml")
-    params_hash = file_md5(params_file)[:12] if params_file.exists() else "none"
+    params_hash = file_hash(params_file)[:12] if params_file.exists() else "none"
     key = f"{commit[:12]}-{exp_name}-{params_hash}"
     tags = {"deeplab.pipeline": key, "git.commit": commit, "dvc.exp_name": exp_name}
     found = client.search_runs([exp_id], filter_string=f"tags.`deeplab.pipeline` = '{key}' and "

@@ -24,9 +24,8 @@ from tqdm import tqdm
 
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
 from deeplab.data import IGNORE, Augment, DrawSampler, SegmentationDataset
-from deeplab.files import atomic_path, save_torch
+from deeplab.files import atomic_path, file_hash, save_torch
 from deeplab.models import build_model, freeze_bn, load_weights
-from deeplab.tracking import file_md5
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
 
     # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code.
     key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
-                      dist.world, *(file_md5(f) for f in (init_weights, train_list, *CODE)))
+                      dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
     start, rows = 0, []
     if checkpoint.exists():
         ckpt = torch.load(checkpoint, map_location=device, weights_only=True)

@@ -4,10 +4,10 @@ from pathlib import Path
 from deeplab.caffe import convert_caffemodel
 from deeplab.config import load_params
 from deeplab.download import fetch_caffemodel
-from deeplab.files import save_torch
+from deeplab.files import file_hash, save_torch
 from deeplab.models import build_model, calibrate_bn, init_from_scratch, load_weights
 from deeplab.stage import command
-from deeplab.tracking import file_md5, stage_run
+from deeplab.tracking import stage_run
 from deeplab.train import calibration_batches
 
 log = logging.getLogger("stages.init")
@@ -30,7 +30,7 @@ def init(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared")
         elif i.source == "caffemodel":
             path = Path(i.path) if i.path else fetch_caffemodel(downloads, base_url=i.base_url,
                                                                 checksums=i.checksums or None)
-            mlflow.set_tag("init.caffemodel.md5", file_md5(path))
+            mlflow.set_tag("init.caffemodel.md5", file_hash(path))
             for line in convert_caffemodel(path, out, p.dataset.n_classes, m.n_blocks, m.width):
                 log.info("%s", line)
             load_weights(model, out)  # the converted file must fit the configured model
@@ -39,7 +39,7 @@ def init(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared")
             if fresh:
                 log.info("classifier head initialised fresh (%d tensors): class count differs", len(fresh))
             save_torch(model.state_dict(), out)
-        mlflow.set_tag("weights.init.md5", file_md5(out))
+        mlflow.set_tag("weights.init.md5", file_hash(out))
         log.info("initial weights (%s) written to %s", i.source, out)
 
 

@@ -6,10 +6,11 @@ import torch
 
 from deeplab.config import load_params
 from deeplab.data import SegmentationDataset
+from deeplab.files import file_hash
 from deeplab.infer import dump_logits
 from deeplab.models import build_model, load_weights
 from deeplab.stage import command, torchrun, under_torchrun
-from deeplab.tracking import file_md5, stage_run
+from deeplab.tracking import stage_run
 from deeplab.train import Dist, pick_device
 
 log = logging.getLogger("stages.logits")
@@ -22,7 +23,7 @@ def logits(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared
     p = load_params(params)
     if p.logits.nproc_per_node > 1 and not under_torchrun():
         with stage_run("logits", p) as mlflow:
-            mlflow.set_tag("weights.final.md5", file_md5(weights))
+            mlflow.set_tag("weights.final.md5", file_hash(weights))
             torchrun("stages.logits", sys.argv[1:], p.logits.nproc_per_node)
         return
     dist = Dist.from_env()
@@ -46,7 +47,7 @@ def logits(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared
         n = run()
     else:
         with stage_run("logits", p) as mlflow:
-            mlflow.set_tag("weights.final.md5", file_md5(weights))
+            mlflow.set_tag("weights.final.md5", file_hash(weights))
             n = run()
     log.info("%d logits written to %s, raw predictions to %s", n, out, predictions)
 

@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 from deeplab.config import load_params
+from deeplab.files import file_hash
 from deeplab.stage import command, torchrun, under_torchrun
-from deeplab.tracking import file_md5, stage_run
+from deeplab.tracking import stage_run
 from deeplab.train import train as run_training
 
 log = logging.getLogger("stages.train")
@@ -36,7 +37,7 @@ def train(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"
                 on_log=lambda it, loss, lr: mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=it))
             final_loss = result.final_loss
         mlflow.log_metric("final_train_loss", final_loss)
-        mlflow.set_tag("weights.final.md5", file_md5(out))
+        mlflow.set_tag("weights.final.md5", file_hash(out))
         mlflow.log_artifact(str(log_csv))
         log.info("weights written to %s, training log to %s", out, log_csv)
 

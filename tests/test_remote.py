@@ -15,7 +15,7 @@ import json
 import pytest
 import yaml
 
-from deeplab.tracking import file_md5
+from deeplab.files import file_hash
 from tests.conftest import make_project, sh, stages_run, tiny_params
 
 STAGES = {"download", "prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"}
@@ -55,7 +55,7 @@ def test_clone_pulls_every_output(shared):
     for out in outs:
         assert (clone / out["path"]).exists(), out["path"]
     final = next(o for o in outs if o["path"] == "data/models/final.pt")
-    assert file_md5(clone / "data" / "models" / "final.pt") == final["md5"]
+    assert file_hash(clone / "data" / "models" / "final.pt") == final["md5"]
     assert sorted(p.name for p in (clone / "data" / "checkpoints").iterdir()) == sorted(
         p.name for p in (shared["origin"] / "data" / "checkpoints").iterdir())
 
