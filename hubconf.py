@@ -16,7 +16,7 @@ def deeplabv2_resnet101(n_classes: int = 21, weights: str | Path | None = None,
                         scales: Sequence[float] = (0.5, 0.75), **kwargs: Any) -> Any:
     """DeepLab v2 ResNet-101 (output stride 8, ASPP rates 6/12/18/24 summed) inside the multi-scale wrapper:
     in eval mode it returns the max over the 1x and ``scales`` logits, (N, n_classes, ~H/8, ~W/8), for
-    BGR mean-subtracted input (``deeplab.data.to_input``).
+    BGR mean-subtracted input (``deeplab.loader.to_input``).
 
     ``weights``: a state-dict file (plain, or a checkpoint holding it under ``model``) loaded strictly: every
     tensor must fit, including the head (a weights file for another class count is an error). ``kwargs`` go

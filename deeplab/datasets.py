@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from joblib import Parallel, delayed
 from PIL import Image
 from tqdm import tqdm
@@ -157,6 +155,9 @@ def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
 
 def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
     """Bilinear without antialiasing (OpenCV's INTER_LINEAR, as the reference), rounded back to uint8."""
+    import torch  # only COCO-Stuff 10k's preparation needs it
+    import torch.nn.functional as F
+
     t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -165,6 +166,8 @@ def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
 def _warp_one(item: Item, size: int, out: Path) -> Item:
     image_path, label_path = out / "images" / f"{item.image_id}.png", out / "labels" / f"{item.image_id}.png"
     if not (image_path.exists() and label_path.exists()):
+        import torch
+
         torch.set_num_threads(1)
         label = read_mat_label(item.label)
         atomic_save(Image.fromarray(warp_image(read_image(item.image), size)), image_path)

@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deeplab.data import SegmentationDataset, write_label
+from deeplab.data import write_label
 from deeplab.files import atomic_path
+from deeplab.loader import SegmentationDataset
 from deeplab.train import memory_hint
 
 

@@ -18,9 +18,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, load_params
-from deeplab.data import DataError, atomic_save, read_image, to_input, write_label
+from deeplab.data import DataError, atomic_save, read_image, write_label
 from deeplab.datasets import CLASS_TABLES, class_names
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
+from deeplab.loader import to_input
 from deeplab.models import MSC, build_model, read_state_dict
 from deeplab.viz import overlay, present_classes
 

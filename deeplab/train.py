@@ -23,14 +23,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
-from deeplab.data import IGNORE, Augment, DrawSampler, SegmentationDataset
+from deeplab.data import IGNORE
 from deeplab.files import atomic_path, file_hash, save_torch
+from deeplab.loader import Augment, DrawSampler, SegmentationDataset
 from deeplab.models import build_model, freeze_bn, load_weights
 
 log = logging.getLogger(__name__)
 
 # Source files whose edits invalidate a checkpoint (the training loop, the model and the data pipeline).
-CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.py"))
+CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.py", "loader.py"))
 
 
 class RunError(RuntimeError):

@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 
 from deeplab.config import load_params
-from deeplab.data import SegmentationDataset
 from deeplab.files import file_hash
 from deeplab.infer import dump_logits
+from deeplab.loader import SegmentationDataset
 from deeplab.models import build_model, load_weights
 from deeplab.stage import command, torchrun, under_torchrun
 from deeplab.tracking import stage_run

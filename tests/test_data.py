@@ -6,20 +6,16 @@ from PIL import Image
 from deeplab import synthetic
 from deeplab.data import (
     PALETTE,
-    Augment,
     DataError,
-    DrawSampler,
     Item,
-    SegmentationDataset,
-    augment,
     read_image,
     read_label,
     read_list,
-    to_input,
     voc_layout_items,
     write_label,
     write_list,
 )
+from deeplab.loader import Augment, DrawSampler, SegmentationDataset, augment, to_input
 
 
 def test_palette_is_the_voc_colour_map():

@@ -12,7 +12,8 @@ import yaml
 
 from deeplab import synthetic
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.data import DrawSampler, voc_layout_items, write_list
+from deeplab.data import voc_layout_items, write_list
+from deeplab.loader import DrawSampler
 from deeplab.models import build_model, init_from_scratch
 from tests.conftest import REPO, run_env
 

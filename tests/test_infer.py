@@ -4,7 +4,8 @@ import torch
 
 from deeplab import infer, synthetic
 from deeplab.config import DatasetConfig
-from deeplab.data import SegmentationDataset, read_label, voc_layout_items, write_list
+from deeplab.data import read_label, voc_layout_items, write_list
+from deeplab.loader import SegmentationDataset
 from deeplab.models import build_model, init_from_scratch
 from deeplab.train import RunError
 

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from deeplab.caffe import write_caffemodel
 from deeplab.cli import app
 from deeplab.config import CrfConfig, ParamsError
-from deeplab.data import PALETTE, read_label, to_input
+from deeplab.data import PALETTE, read_label
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
+from deeplab.loader import to_input
 from deeplab.models import build_model, init_from_scratch
 from deeplab.predict import (
     MIN_SIDE,

@@ -1,0 +1,94 @@
+"""What the model is fed: input tensors (BGR float32 minus the mean, CHW, as the reference), augmentation,
+the torch Dataset over a prepared file list and its replayable sampler. Labels come as int64, 255 ignored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from deeplab.data import IGNORE, DataError, read_image, read_label, read_list
+
+
+def to_input(rgb: np.ndarray, mean_bgr: Sequence[float]) -> torch.Tensor:
+    """RGB uint8 HxWx3 -> the network's input: BGR float32 minus the mean, CHW (Caffe convention)."""
+    bgr = rgb[..., ::-1].astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(bgr.transpose(2, 0, 1)))
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop_size: int
+    scales: tuple[float, ...]
+    flip: bool
+    seed: int
+
+
+def augment(image: torch.Tensor, label: np.ndarray, aug: Augment, rng: np.random.Generator,
+            ignore: int = IGNORE) -> tuple[torch.Tensor, np.ndarray]:
+    """Reference order: random scale from a discrete set, pad bottom/right (image 0 = the mean after
+    subtraction, label ignore), random crop, horizontal flip."""
+    h, w = label.shape
+    s = float(rng.choice(aug.scales))
+    nh, nw = int(h * s), int(w * s)
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+    c = aug.crop_size
+    ph, pw = max(c - nh, 0), max(c - nw, 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0.0)
+        label = np.pad(label, ((0, ph), (0, pw)), constant_values=ignore)
+    y = int(rng.integers(0, label.shape[0] - c + 1))
+    x = int(rng.integers(0, label.shape[1] - c + 1))
+    image, label = image[:, y:y + c, x:x + c], label[y:y + c, x:x + c]
+    if aug.flip and rng.random() < 0.5:
+        image, label = image.flip(-1), label[:, ::-1]
+    return image.contiguous(), np.ascontiguousarray(label)
+
+
+class SegmentationDataset(Dataset):
+    """Reads one file list. With ``aug`` set, the index is ``(item, draw)``: the augmentation is seeded by
+    ``(seed, draw)`` so any draw can be replayed exactly, in any worker, after a resume."""
+
+    def __init__(self, list_file: str | Path, mean_bgr: Sequence[float], aug: Augment | None = None) -> None:
+        self.items = read_list(list_file)
+        self.mean_bgr = tuple(mean_bgr)
+        self.aug = aug
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        i, draw = index if isinstance(index, tuple) else (index, 0)
+        it = self.items[i]
+        image, label = to_input(read_image(it.image), self.mean_bgr), read_label(it.label)
+        if image.shape[-2:] != label.shape:
+            raise DataError(f"{it.label}: label size {label.shape} differs from image size {tuple(image.shape[-2:])}")
+        if self.aug is not None:
+            image, label = augment(image, label, self.aug, np.random.default_rng([self.aug.seed, draw]))
+        return image, torch.from_numpy(label.astype(np.int64)), it.image_id
+
+
+class DrawSampler(Sampler):
+    """Endless shuffled stream of ``(item, draw)`` where draw counts samples from 0. Epoch e is a permutation
+    seeded by ``(seed, e)``, so starting at ``start`` reproduces exactly the stream a run would have reached."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, stride: int = 1, offset: int = 0) -> None:
+        self.n, self.seed, self.start, self.stride, self.offset = n, seed, start, stride, offset
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draw = self.start * self.stride + self.offset
+        epoch, perm = -1, np.empty(0, dtype=np.int64)
+        while True:
+            e, pos = divmod(draw, self.n)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            yield int(perm[pos]), draw
+            draw += self.stride
