@@ -2,7 +2,13 @@
 
 Workers receive only paths: each loads the small stride-8 float16 logits and the image itself, upsamples,
 runs mean-field inference and writes the label map atomically, so no full-resolution probability map
-crosses a process boundary and a rerun skips finished images.
+crosses a process boundary.
+
+Finished maps are kept in a progress folder, keyed by what made them: the settings that change labels and the
+code (one folder per key), and each image's logits and image content (in the file name). A rerun reuses exactly
+the maps its own inputs would produce, after an interruption or when settings flip back, and never a map made
+with other params. The progress folder is not a DVC output, so DVC does not delete it before rerunning the stage;
+the stage's output folder is filled from it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import functools
 import itertools
 import logging
 import os
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from deeplab.config import CrfConfig
-from deeplab.data import Item, read_image, write_label
+from deeplab.data import DataError, Item, read_image, write_label
+from deeplab.files import atomic_path, file_hash, fingerprint
 from deeplab.infer import load_logits, upsample_probs
 from deeplab.permutohedral import dense_crf_torch
 from deeplab.train import memory_hint, pick_device
@@ -60,15 +68,45 @@ def _load(item: Item, logits_dir: Path, cfg: CrfConfig, mean_bgr: Sequence[float
     return logits, (reference_quirk_image(rgb, mean_bgr) if cfg.reference_image_quirk else rgb)
 
 
-def crf_image(item: Item, logits_dir: Path, out_dir: Path, cfg: CrfConfig,
-              mean_bgr: Sequence[float]) -> str:
-    """One image with pydensecrf2 (runs in a joblib worker); skips an image already done."""
+def crf_image(item: Item, logits_dir: Path, out: Path, cfg: CrfConfig, mean_bgr: Sequence[float]) -> str:
+    """One image with pydensecrf2 (runs in a joblib worker), its label map written to ``out``."""
     torch.set_num_threads(1)
-    out = out_dir / f"{item.image_id}.png"
-    if not out.exists():
-        logits, ref = _load(item, logits_dir, cfg, mean_bgr)
-        write_label(out, dense_crf(upsample_probs(logits, ref.shape[:2]).numpy(), ref, cfg))
+    logits, ref = _load(item, logits_dir, cfg, mean_bgr)
+    write_label(out, dense_crf(upsample_probs(logits, ref.shape[:2]).numpy(), ref, cfg))
     return item.image_id
+
+
+# CrfConfig fields that change the label maps; the rest (n_jobs, device, parallel, scheduler, batch_size) only
+# change where and how fast they are computed.
+RESULT_FIELDS = {"backend", "iterations", "pos_xy_std", "pos_w", "bi_xy_std", "bi_rgb_std", "bi_w",
+                 "reference_image_quirk"}
+CODE = tuple(Path(__file__).parent / f for f in ("crf.py", "permutohedral.py", "infer.py"))
+KEEP_SETTINGS = 4  # settings folders kept in the progress folder, most recently used first
+
+
+def settings_key(cfg: CrfConfig, mean_bgr: Sequence[float]) -> str:
+    """Key of the settings and code that make the label maps (the mean matters only to the reference quirk)."""
+    return fingerprint(cfg.model_dump(include=RESULT_FIELDS), list(mean_bgr) if cfg.reference_image_quirk else None,
+                       *(file_hash(f) for f in CODE))
+
+
+def _input_digest(item: Item, logits_dir: Path) -> str:
+    path = logits_dir / f"{item.image_id}.npy"
+    if not path.is_file():
+        raise DataError(f"{path}: logits file not found (run the logits stage)")
+    return fingerprint(file_hash(path), file_hash(item.image))
+
+
+def _prune(progress: Path, keep: int) -> None:
+    folders = sorted((d for d in progress.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in folders[keep:]:
+        log.info("crf: removing old progress %s", d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _publish(src: Path, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def available_memory() -> int:
@@ -100,16 +138,38 @@ def choose_n_jobs(requested: int | None, n_classes: int, height: int, width: int
 
 
 def run_crf(items: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConfig, mean_bgr: Sequence[float],
-            n_jobs: int) -> int:
-    """CRF label maps for ``items`` not yet in ``out_dir``; returns how many were computed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [it for it in items if not (out_dir / f"{it.image_id}.png").exists()]
+            n_jobs: int, progress: Path | None = None) -> int:
+    """CRF label maps ``out_dir/<id>.png`` for ``items``; returns how many were computed. Maps already in
+    ``progress`` (default: ``<out_dir>.progress`` beside it) for the same settings, code, logits and image are
+    reused; the rest are computed into it first."""
+    progress = progress or out_dir.with_name(f"{out_dir.name}.progress")
+    store = progress / settings_key(cfg, mean_bgr)
+    store.mkdir(parents=True, exist_ok=True)
+    os.utime(store)  # most recently used
+    _prune(progress, KEEP_SETTINGS)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL
+        digests = list(pool.map(lambda it: _input_digest(it, logits_dir), items))
+    done = {it.image_id: store / f"{it.image_id}.{d}.png" for it, d in zip(items, digests, strict=True)}
+    todo = [it for it in items if not done[it.image_id].exists()]
     if len(todo) < len(items):
-        log.info("crf: %d of %d label maps already done, skipping them", len(items) - len(todo), len(items))
+        log.info("crf: %d of %d label maps reused from %s (same settings, code, logits and image)",
+                 len(items) - len(todo), len(items), store)
+    _compute(todo, done, logits_dir, cfg, mean_bgr, n_jobs)
+    for stale in set(store.iterdir()) - set(done.values()):  # maps of earlier logits
+        stale.unlink(missing_ok=True)
+    for it in items:
+        _publish(done[it.image_id], out_dir / f"{it.image_id}.png")
+    return len(todo)
+
+
+def _compute(todo: Sequence[Item], done: dict[str, Path], logits_dir: Path, cfg: CrfConfig,
+             mean_bgr: Sequence[float], n_jobs: int) -> None:
+    if not todo:
+        return
     if cfg.backend == "torch":
-        _run_torch(todo, logits_dir, out_dir, cfg, mean_bgr)
-        return len(todo)
-    jobs = [delayed(crf_image)(it, logits_dir, out_dir, cfg, mean_bgr) for it in todo]
+        _run_torch(todo, done, logits_dir, cfg, mean_bgr)
+        return
+    jobs = [delayed(crf_image)(it, logits_dir, done[it.image_id], cfg, mean_bgr) for it in todo]
     if cfg.parallel == "dask":
         address = cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
@@ -124,11 +184,10 @@ def run_crf(items: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConf
             for _ in tqdm(Parallel(n_jobs=-1, return_as="generator_unordered")(jobs), total=len(todo),
                           desc="crf (dask)", unit="img"):
                 pass
-        return len(todo)
+        return
     results = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(jobs)
     for _ in tqdm(results, total=len(todo), desc=f"crf ({n_jobs} jobs)", unit="img"):
         pass
-    return len(todo)
 
 
 def torch_batch_size(device: torch.device, n_classes: int, height: int, width: int,
@@ -158,7 +217,7 @@ def _prefetch(fn: Callable, items: Sequence, pool: ThreadPoolExecutor, depth: in
         yield result
 
 
-def _run_torch(todo: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConfig,
+def _run_torch(todo: Sequence[Item], done: dict[str, Path], logits_dir: Path, cfg: CrfConfig,
                mean_bgr: Sequence[float]) -> None:
     """The PyTorch lattice in this process, on the GPU when there is one. Reading and writing run in threads
     beside the mean field, and images of one size are batched (sorted by size first) as memory allows."""
@@ -200,7 +259,7 @@ def _run_torch(todo: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfCo
             with memory_hint(f"in the CRF of {first.image_id} ({ref.shape[0]}x{ref.shape[1]}, {logits.shape[0]} "
                              f"classes, batch of {len(batch)})", "set crf.batch_size: 1 or crf.device: cpu"):
                 labels = run(batch)
-            writes.extend(pool.submit(write_label, out_dir / f"{it.image_id}.png", lab.numpy())
+            writes.extend(pool.submit(write_label, done[it.image_id], lab.numpy())
                           for (it, *_), lab in zip(batch, labels, strict=True))
             while len(writes) > 32:  # a GPU outpacing the disk must not pile up label maps in memory
                 writes.popleft().result()

@@ -73,6 +73,28 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read label ({e})") from None
 
 
+def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE) -> str | None:
+    """What is wrong with a label map whose values are neither a class (0..n_classes-1) nor ``ignore``, or None.
+    Such values would otherwise drop silently out of the confusion matrix or crash the loss."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[:n_classes] = 0
+    counts[ignore] = 0
+    bad = np.flatnonzero(counts)
+    if not bad.size:
+        return None
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if bad.size > 8 else "")
+    return (f"label values {shown} ({int(counts.sum())} pixels) are outside the allowed 0..{n_classes - 1} "
+            f"(dataset.n_classes {n_classes}) and {ignore} (dataset.ignore_label)")
+
+
+def check_label_values(label: np.ndarray, path: str | Path, n_classes: int, ignore: int = IGNORE) -> np.ndarray:
+    """``label`` itself, or a DataError naming ``path`` and the values out of range."""
+    problem = label_values_error(label, n_classes, ignore)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return label
+
+
 def write_label(path: str | Path, label: np.ndarray) -> None:
     """Palette PNG with the VOC colour map, written atomically."""
     im = Image.fromarray(label.astype(np.uint8), mode="P")

@@ -22,7 +22,9 @@ from deeplab.data import (
     Item,
     atomic_save,
     check_files,
+    label_values_error,
     read_image,
+    read_label,
     voc_layout_items,
     write_label,
     write_list,
@@ -175,12 +177,63 @@ def _warp_one(item: Item, size: int, out: Path) -> Item:
     return Item(item.image_id, image_path, label_path)
 
 
+MAX_REPORTED = 20  # bad pairs listed in one error
+
+
+def pair_problem(item: Item, n_classes: int, ignore: int) -> str | None:
+    """What is wrong with one image/label pair (missing, unreadable, sizes differ, label values out of range),
+    or None. The image is read to its header only; the label is decoded."""
+    try:
+        with Image.open(item.image) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees: read_image swaps them
+                w, h = h, w
+    except FileNotFoundError:
+        return f"{item.image}: image file not found"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{item.image}: cannot read image ({e})"
+    try:
+        label = read_label(item.label)
+    except DataError as e:
+        return str(e)
+    if label.shape != (h, w):
+        return f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}"
+    problem = label_values_error(label, n_classes, ignore)
+    return f"{item.label}: {problem}" if problem else None
+
+
+def _problems(chunk: Sequence[Item], n_classes: int, ignore: int) -> list[str]:
+    return [msg for it in chunk if (msg := pair_problem(it, n_classes, ignore))]
+
+
+def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n_jobs: int = -1) -> list[str]:
+    """Every pair checked once, in parallel (with a progress bar); returns the problems found."""
+    size = max(1, min(256, -(-len(items) // 16)))
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    jobs = (delayed(_problems)(c, n_classes, ignore) for c in chunks)
+    bad: list[str] = []
+    with tqdm(total=len(items), desc=f"check {what}", unit="pair") as bar:
+        # A few hundred small pairs are quicker in this process than starting workers.
+        runner = Parallel(n_jobs=n_jobs if len(items) > 1000 else 1, return_as="generator")
+        for chunk, found in zip(chunks, runner(jobs), strict=True):
+            bad += found
+            bar.update(len(chunk))
+    return bad
+
+
+def bad_pairs_error(bad: Sequence[str], n_items: int, what: str) -> DataError:
+    shown = "\n  ".join(bad[:MAX_REPORTED])
+    more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+    return DataError(f"{what}: {len(bad)} of {n_items} image/label pairs are bad:\n  {shown}{more}")
+
+
 def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict[str, int]:
-    """Write ``out/<split>.txt`` for the train and val splits. COCO-Stuff 10k images and labels are warped to
-    ``dataset.warp_size`` squares (PNG, lossless) under ``out``, since the reference trains and evaluates on
-    them. Returns the item count per split."""
+    """Write ``out/<split>.txt`` for the train and val splits once every pair of both has been checked (see
+    ``check_pairs``). COCO-Stuff 10k images and labels are warped to ``dataset.warp_size`` squares (PNG, lossless)
+    under ``out`` first, since the reference trains and evaluates on them. Returns the item count per split."""
     check_layout(cfg, root)
-    counts = {}
+    splits: dict[str, list[Item]] = {}
+    bad: list[str] = []
     for split in dict.fromkeys((cfg.train_split, cfg.val_split)):
         items = split_items(cfg, root, split)
         if cfg.name == "cocostuff10k":
@@ -189,7 +242,11 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
             jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
             items = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
                               desc=f"warp {split}", unit="img"))
+        bad += check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}", n_jobs)
+        splits[split] = items
+    if bad:
+        raise bad_pairs_error(bad, sum(map(len, splits.values())), f"{cfg.name} dataset at {root}")
+    for split, items in splits.items():
         write_list(out / f"{split}.txt", items)
-        counts[split] = len(items)
         log.info("%s split %s: %d images", cfg.name, split, len(items))
-    return counts
+    return {split: len(items) for split, items in splits.items()}

@@ -43,6 +43,11 @@ def save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def fingerprint(*parts: object) -> str:
+    """A short stable digest of JSON-serialisable parts (configs, file digests): the key of resumable work."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def file_hash(path: str | Path, algo: str = "md5") -> str:
     """Hex digest of a file, read in chunks (md5 matches what dvc.lock records)."""
     with open(path, "rb") as f:

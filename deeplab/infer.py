@@ -3,7 +3,9 @@ label maps from upsampling them to the image size."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import errno
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deeplab.data import write_label
+from deeplab.data import DataError, write_label
 from deeplab.files import atomic_path
 from deeplab.loader import SegmentationDataset
-from deeplab.train import memory_hint
+from deeplab.train import RunError, memory_hint
 
 
 def upsample_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -48,7 +50,19 @@ def save_logits(path: Path, logits: torch.Tensor) -> None:
 
 
 def load_logits(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.load(path).astype(np.float32))
+    """(C, h, w) float32 logits of one image; a missing, unreadable or non-finite file is a DataError naming it."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: logits file not found (run the logits stage)") from None
+    except (OSError, ValueError, EOFError) as e:  # truncated or not an .npy file
+        raise DataError(f"{path}: cannot read logits ({e}); rerun the logits stage to rewrite it") from None
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path}: expected (classes, height, width) float logits, got {arr.dtype} {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: logits hold NaN or infinite values ({int((~np.isfinite(arr)).sum())} of "
+                        f"{arr.size}); rerun the logits stage, and check the weights if it happens again")
+    return torch.from_numpy(arr.astype(np.float32))
 
 
 @torch.inference_mode()
@@ -72,6 +86,20 @@ def dump_logits(model: nn.Module, dataset: SegmentationDataset, logits_dir: Path
         with memory_hint(f"on image {image_id} ({image.shape[-2]}x{image.shape[-1]})", hint):
             image = image.to(device, non_blocking=True).contiguous(memory_format=layout)
             logits = predict_logits(model, image, amp)[0]
-        save_logits(logits_dir / f"{image_id}.npy", logits)
-        write_label(pred_dir / f"{image_id}.png", upsample_argmax(logits, tuple(label.shape[-2:])).cpu().numpy())
+        with disk_hint(f"writing the logits of {image_id}", logits_dir, pred_dir):
+            save_logits(logits_dir / f"{image_id}.npy", logits)
+            write_label(pred_dir / f"{image_id}.png", upsample_argmax(logits, tuple(label.shape[-2:])).cpu().numpy())
     return len(subset)
+
+
+@contextlib.contextmanager
+def disk_hint(what: str, *folders: Path) -> Iterator[None]:
+    """A full disk (or quota) becomes one RunError naming the output folders, not an OSError traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        names = " and ".join(str(f) for f in folders)
+        raise RunError(f"no space left on the device {what}: free space where {names} live, or point the "
+                       f"outputs elsewhere ({e.strerror})") from None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from deeplab.data import IGNORE, DataError, read_image, read_label, read_list
+from deeplab.data import IGNORE, DataError, check_label_values, read_image, read_label, read_list
 
 
 def to_input(rgb: np.ndarray, mean_bgr: Sequence[float]) -> torch.Tensor:
@@ -57,10 +57,12 @@ class SegmentationDataset(Dataset):
     """Reads one file list. With ``aug`` set, the index is ``(item, draw)``: the augmentation is seeded by
     ``(seed, draw)`` so any draw can be replayed exactly, in any worker, after a resume."""
 
-    def __init__(self, list_file: str | Path, mean_bgr: Sequence[float], aug: Augment | None = None) -> None:
+    def __init__(self, list_file: str | Path, mean_bgr: Sequence[float], aug: Augment | None = None,
+                 n_classes: int | None = None, ignore: int = IGNORE) -> None:
         self.items = read_list(list_file)
         self.mean_bgr = tuple(mean_bgr)
         self.aug = aug
+        self.n_classes, self.ignore = n_classes, ignore  # with n_classes set, label values are checked
 
     def __len__(self) -> int:
         return len(self.items)
@@ -69,6 +71,8 @@ class SegmentationDataset(Dataset):
         i, draw = index if isinstance(index, tuple) else (index, 0)
         it = self.items[i]
         image, label = to_input(read_image(it.image), self.mean_bgr), read_label(it.label)
+        if self.n_classes is not None:
+            check_label_values(label, it.label, self.n_classes, self.ignore)
         if image.shape[-2:] != label.shape:
             raise DataError(f"{it.label}: label size {label.shape} differs from image size {tuple(image.shape[-2:])}")
         if self.aug is not None:
@@ -92,3 +96,13 @@ class DrawSampler(Sampler):
                 epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
             yield int(perm[pos]), draw
             draw += self.stride
+
+
+def worker_error(e: DataError) -> DataError:
+    """The error a DataLoader worker raised, without the worker traceback the loader pastes into its message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        return DataError(last.removeprefix(prefix).removeprefix(f"{type(e).__name__}: "))
+    return e

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from deeplab.data import Item, read_label
+from deeplab.data import IGNORE, DataError, Item, check_label_values, read_label
 
 
 def confusion(gt: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -41,10 +41,17 @@ def scores(hist: np.ndarray) -> dict[str, object]:
     }
 
 
-def accumulate(items: Sequence[Item], pred_dir: Path, n_classes: int) -> np.ndarray:
-    """Confusion matrix over a split, one image at a time (never all predictions in memory)."""
+def accumulate(items: Sequence[Item], pred_dir: Path, n_classes: int, ignore: int = IGNORE) -> np.ndarray:
+    """Confusion matrix over a split, one image at a time (never all predictions in memory). A ground-truth
+    value that is neither a class nor ``ignore``, or a predicted value that is not a class, is a DataError
+    naming the file: it would otherwise vanish from the matrix or land in the wrong cell."""
     hist = np.zeros((n_classes, n_classes), dtype=np.int64)
     for it in tqdm(items, desc=f"evaluate {pred_dir.name}", unit="img"):
-        pred = read_label(pred_dir / f"{it.image_id}.png")
-        hist += confusion(read_label(it.label), pred, n_classes)
+        pred_path = pred_dir / f"{it.image_id}.png"
+        pred = read_label(pred_path)
+        if pred.size and int(pred.max()) >= n_classes:
+            raise DataError(f"{pred_path}: predicted class {int(pred.max())} is not below dataset.n_classes "
+                            f"{n_classes}: predictions of a model with another class count? Rerun the logits stage")
+        gt = check_label_values(read_label(it.label), it.label, n_classes, ignore)
+        hist += confusion(gt, pred, n_classes)
     return hist

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import json
 import logging
 import math
 import os
@@ -23,9 +21,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
-from deeplab.data import IGNORE
-from deeplab.files import atomic_path, file_hash, save_torch
-from deeplab.loader import Augment, DrawSampler, SegmentationDataset
+from deeplab.data import IGNORE, DataError
+from deeplab.files import atomic_path, file_hash, fingerprint, save_torch
+from deeplab.loader import Augment, DrawSampler, SegmentationDataset, worker_error
 from deeplab.models import build_model, freeze_bn, load_weights
 
 log = logging.getLogger(__name__)
@@ -133,10 +131,6 @@ def calibration_batches(train_list: Path, dcfg: DatasetConfig, crop_size: int, s
         yield torch.stack([dataset[next(sampler)][0] for _ in range(batch_size)])
 
 
-def fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 @dataclass
 class TrainResult:
     iterations: int
@@ -217,7 +211,11 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     start, rows = 0, []
     if checkpoint.exists():
         ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
-        if ckpt.get("fingerprint") == key:
+        if ckpt.get("fingerprint") == key and int(ckpt["iteration"]) >= tcfg.iterations:
+            # A checkpoint resumes an unfinished run; a finished one must not turn a forced rerun into a no-op.
+            log.info("%s holds a finished run (iteration %d): training again from the start", checkpoint,
+                     int(ckpt["iteration"]))
+        elif ckpt.get("fingerprint") == key:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start = int(ckpt["iteration"])
@@ -232,8 +230,8 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     if cuda and tcfg.compile:
         net = torch.compile(net)
 
-    dataset = SegmentationDataset(train_list, dcfg.mean_bgr,
-                                  Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed))
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed),
+                                  n_classes=dcfg.n_classes, ignore=dcfg.ignore_label)
     per_iter = tcfg.batch_size * tcfg.iter_size
     sampler = DrawSampler(len(dataset), tcfg.seed, start=start * per_iter, stride=dist.world, offset=dist.rank)
     workers = tcfg.num_workers
@@ -281,9 +279,12 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         factor = poly_factor(it, tcfg.iterations, tcfg.poly_power, tcfg.lr_step)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        with memory_hint(f"at training iteration {it}", hint):
-            loss = train_step(net, opt, batches, tcfg.iter_size, device, amp=fast and tcfg.amp,
-                              channels_last=fast and tcfg.channels_last, ignore=dcfg.ignore_label)
+        try:
+            with memory_hint(f"at training iteration {it}", hint):
+                loss = train_step(net, opt, batches, tcfg.iter_size, device, amp=fast and tcfg.amp,
+                                  channels_last=fast and tcfg.channels_last, ignore=dcfg.ignore_label)
+        except DataError as e:  # a bad file read by a loader worker: its message, not the worker's traceback
+            raise worker_error(e) from None
         pending.append((it, loss, opt.param_groups[0]["lr"]))
         if it % tcfg.log_every == 0 or it % tcfg.checkpoint_every == 0 or it == tcfg.iterations:
             flush(pending)

@@ -11,16 +11,19 @@ log = logging.getLogger("stages.crf")
 
 
 def crf(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-        logits: Path = Path("data/logits"), out: Path = Path("data/predictions/crf")) -> None:
-    """Dense CRF over the saved logits of the validation split, in parallel, writing label maps."""
+        logits: Path = Path("data/logits"), out: Path = Path("data/predictions/crf"),
+        progress: Path = Path("data/crf_progress")) -> None:
+    """Dense CRF over the saved logits of the validation split, in parallel, writing label maps. Finished maps
+    are kept in PROGRESS (not a DVC output, so it survives DVC's cleanup) keyed by settings, code and inputs."""
     p = load_params(params)
     with stage_run("crf", p) as mlflow:
         items = read_list(lists / f"{p.dataset.val_split}.txt")
         h, w = read_image(items[0].image).shape[:2]
         n_jobs = choose_n_jobs(p.crf.n_jobs, p.dataset.n_classes, h, w)
         mlflow.log_param("crf.n_jobs_used", n_jobs)
-        run_crf(items, logits, out, p.crf, p.dataset.mean_bgr, n_jobs)
-        log.info("%d CRF label maps in %s", len(items), out)
+        computed = run_crf(items, logits, out, p.crf, p.dataset.mean_bgr, n_jobs, progress)
+        mlflow.log_metrics({"crf_computed": computed, "crf_reused": len(items) - computed})
+        log.info("%d CRF label maps in %s (%d computed, %d reused)", len(items), out, computed, len(items) - computed)
 
 
 app = command(crf)

@@ -55,7 +55,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
     d = p.dataset
     with stage_run(f"evaluate@{kind}", p) as mlflow:
         items = read_list(lists / f"{d.val_split}.txt")
-        hist = accumulate(items, predictions / kind, d.n_classes)
+        hist = accumulate(items, predictions / kind, d.n_classes, d.ignore_label)
         s = scores(hist)
         names = class_names(d.name, d.n_classes)
         class_iou = s.pop("class_iou")

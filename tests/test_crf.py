@@ -136,3 +136,49 @@ def test_same_size_batches_split_on_size_and_limit():
     entries = [(k, None, np.zeros((h, 8, 3), np.uint8)) for k, h in enumerate([4, 4, 4, 6, 6, 4])]
     batches = list(_same_size_batches(iter(entries), lambda e: 2))
     assert [[e[0] for e in b] for b in batches] == [[0, 1], [2], [3, 4], [5]]
+
+
+def test_finished_maps_are_keyed_to_settings_and_inputs(tmp_path):
+    """A map made with other CRF params, or from other logits, is never reused; the same inputs and settings are."""
+    items = _logit_set(tmp_path)
+    logits, progress = tmp_path / "logits", tmp_path / "progress"
+    strong, none = CrfConfig(), CrfConfig(bi_w=0.0, pos_w=0.0)
+
+    def maps(out):
+        return {it.image_id: read_label(out / f"{it.image_id}.png") for it in items}
+
+    assert run_crf(items, logits, tmp_path / "out", strong, (0, 0, 0), 1, progress) == 3
+    first = maps(tmp_path / "out")
+    assert run_crf(items, logits, tmp_path / "out", none, (0, 0, 0), 1, progress) == 3  # not "3 already done"
+    without = maps(tmp_path / "out")
+    # No pairwise terms: the CRF keeps the unary's argmax, which differs from the smoothed maps.
+    assert any(not np.array_equal(first[k], without[k]) for k in first)
+    assert run_crf(items, logits, tmp_path / "fresh", none, (0, 0, 0), 1, tmp_path / "p2") == 3
+    assert all(np.array_equal(without[k], v) for k, v in maps(tmp_path / "fresh").items())
+    # Flipping back reuses the first maps; n_jobs does not change the key.
+    assert run_crf(items, logits, tmp_path / "out", strong.model_copy(update={"n_jobs": 2}), (0, 0, 0), 2,
+                   progress) == 0
+    assert all(np.array_equal(first[k], v) for k, v in maps(tmp_path / "out").items())
+    # New logits for one image: only that image is recomputed.
+    save_logits(logits / "1.npy", torch.from_numpy(np.load(logits / "1.npy").astype(np.float32)[::-1].copy()))
+    assert run_crf(items, logits, tmp_path / "out", strong, (0, 0, 0), 1, progress) == 1
+
+
+def test_corrupt_truncated_or_nonfinite_logits_are_named(tmp_path):
+    from deeplab.data import DataError
+
+    items = _logit_set(tmp_path, n=2)
+    path = tmp_path / "logits" / "1.npy"
+    good = np.load(path)
+    path.write_bytes(path.read_bytes()[:60])  # truncated inside the data
+    for n_jobs in (1, 2):  # in this process, and re-raised from a loky worker
+        with pytest.raises(DataError, match=r"1\.npy: cannot read logits"):
+            run_crf(items, tmp_path / "logits", tmp_path / f"out{n_jobs}", CrfConfig(), (0, 0, 0), n_jobs)
+    bad = good.copy()
+    bad[0, 0, 0] = np.nan
+    np.save(path, bad)
+    with pytest.raises(DataError, match=r"1\.npy: logits hold NaN or infinite values \(1 of"):
+        run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), 1)
+    path.unlink()
+    with pytest.raises(DataError, match=r"1\.npy: logits file not found"):
+        run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), 1)

@@ -141,3 +141,35 @@ def test_list_roundtrip_and_bad_list(tmp_path):
     (tmp_path / "bad.txt").write_text("only\ttwo\n")
     with pytest.raises(DataError, match="bad.txt:1: expected 3"):
         read_list(tmp_path / "bad.txt")
+
+
+def test_prepare_reports_every_bad_pair_at_once_and_writes_no_list(tmp_path):
+    """Out-of-range label values, a size mismatch and an unreadable label, all in one error; no list written."""
+    from PIL import Image
+
+    from deeplab.config import DatasetConfig
+    from deeplab.datasets import prepare
+
+    synthetic.generate(tmp_path / "raw", 4, 2, 32, 32, 4, seed=0)
+    labels = tmp_path / "raw" / "SegmentationClass"
+    write_label(labels / "train_00000.png", np.full((32, 32), 7, np.uint8))  # 7 with n_classes 4
+    write_label(labels / "train_00002.png", np.zeros((16, 32), np.uint8))
+    (labels / "val_00001.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(labels / "val_00000.png")  # RGB, not a label
+    with pytest.raises(DataError) as err:
+        prepare(DatasetConfig(n_classes=4), tmp_path / "raw", tmp_path / "lists")
+    text = str(err.value)
+    assert "train_00000.png: label values 7 (1024 pixels) are outside the allowed 0..3 (dataset.n_classes 4)" in text
+    assert "train_00002.png: label size 32x16 differs from image size 32x32" in text
+    assert "val_00001.png: cannot read label" in text and "val_00000.png: label must be a palette" in text
+    assert not (tmp_path / "lists").exists()
+
+
+def test_training_data_refuses_out_of_range_labels(tmp_path):
+    synthetic.generate(tmp_path / "raw", 2, 1, 32, 32, 4, seed=0)
+    write_list(tmp_path / "train.txt", voc_layout_items(tmp_path / "raw", "train"))
+    write_label(tmp_path / "raw" / "SegmentationClass" / "train_00001.png", np.full((32, 32), 9, np.uint8))
+    ds = SegmentationDataset(tmp_path / "train.txt", (0, 0, 0), n_classes=4)
+    ds[0]
+    with pytest.raises(DataError, match=r"train_00001\.png: label values 9"):
+        ds[1]

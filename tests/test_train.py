@@ -164,3 +164,38 @@ def test_out_of_memory_names_the_params_to_lower():
             raise RuntimeError("unrelated")
     assert type(other.value) is RuntimeError
 
+
+
+def test_finished_checkpoint_trains_again_from_the_start(tiny_setup, caplog):
+    """`dvc repro -f -s train` must retrain: a checkpoint resumes an unfinished run, never a finished one."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="deeplab.train")
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=4, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True)
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "ck.pt", tmp / "a.csv")
+    assert torch.load(tmp / "ck.pt", weights_only=True)["iteration"] == 4
+    seen = []
+    res = train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "ck.pt", tmp / "b.csv",
+                on_log=lambda it, loss, lr: seen.append(it))
+    assert res.resumed_from == 0 and seen == [1, 2, 3, 4]
+    assert "holds a finished run (iteration 4): training again from the start" in caplog.text
+    a, b = torch.load(tmp / "a.pt"), torch.load(tmp / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic: the rerun reproduces the weights
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_out_of_range_label_stops_training_with_one_line(tiny_setup, workers):
+    """Probe: a label value 7 with n_classes 6 crashed train with a bare `IndexError: Target 7 is out of bounds`."""
+    from deeplab.data import DataError, read_list, write_label
+
+    tmp, d, m = tiny_setup
+    for it in read_list(tmp / "train.txt"):
+        write_label(it.label, np.full((48, 48), 7, np.uint8))
+    t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, num_workers=workers)
+    with pytest.raises(DataError) as err:
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "ck.pt", tmp / "a.csv")
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert re.fullmatch(r".*train_\d+\.png: label values 7 \(2304 pixels\) are outside the allowed 0\.\.3 .*", message)
