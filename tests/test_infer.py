@@ -42,3 +42,34 @@ def test_inference_out_of_memory_names_the_image(val_set, monkeypatch):
     monkeypatch.setattr(infer, "predict_logits", huge)
     with pytest.raises(RunError, match=r"out of memory on image \S+ \(40x56\): .*logits.amp"):
         infer.dump_logits(model, dataset, tmp / "logits", tmp / "pred", torch.device("cpu"))
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real filesystem with almost no room: a 64 KiB tmpfs (needs root, as CI runs here)."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # fill it up
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_one_error_naming_the_output_folder(val_set, full_disk):
+    tmp, model, dataset = val_set
+    with pytest.raises(RunError, match=rf"no space left on the device writing the logits of val_00000: free space "
+                                       rf"where {full_disk}/logits and {tmp}/pred live") as err:
+        infer.dump_logits(model, dataset, full_disk / "logits", tmp / "pred", torch.device("cpu"))
+    assert "No space left on device" in str(err.value)
+    assert not [p for p in (full_disk / "logits").iterdir()]  # no partial .npy left behind
