@@ -1,5 +1,8 @@
 import logging
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from deeplab.config import load_params
 from deeplab.crf import choose_n_jobs, run_crf
@@ -10,8 +13,13 @@ from deeplab.tracking import stage_run
 log = logging.getLogger("stages.crf")
 
 
-def crf(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-        logits: Path = Path("data/logits"), out: Path = Path("data/predictions/crf")) -> None:
+def crf(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, crf.*); must hold every "
+                                                  "section.")] = Path("params.yaml"),
+        lists: Annotated[Path, typer.Option(help="The prepare stage's file lists (the validation split).")]
+        = Path("data/prepared"),
+        logits: Annotated[Path, typer.Option(help="The logits stage's <id>.npy logits.")] = Path("data/logits"),
+        out: Annotated[Path, typer.Option(help="Folder for the CRF <id>.png label maps.")]
+        = Path("data/predictions/crf")) -> None:
     """Dense CRF over the saved logits of the validation split, in parallel, writing label maps."""
     p = load_params(params)
     with stage_run("crf", p) as mlflow:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,15 @@ def test_resolve_params(tmp_path, monkeypatch):
         resolve_params(n_classes=1)
     with pytest.raises(ParamsError, match="missing.yaml"):
         resolve_params(Path("missing.yaml"))
+
+
+def test_predict_help_shows_flags_without_a_value():
+    result = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output  # --crf and --help take no value
+    crf = next(line for line in result.output.splitlines() if line.strip().startswith("--crf"))
+    assert re.fullmatch(r"\s*--crf\s+Refine with the dense CRF \(crf\.\* from the params\)\.\s*", crf), crf
+    assert "--params <path>" in result.output and "A params file must hold every section." in result.output
 
 
 def test_resolve_params_rejects_a_partial_file(tmp_path, monkeypatch):
