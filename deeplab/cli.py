@@ -11,7 +11,8 @@ from typing import Annotated, Literal
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# Plain click help: typer's rich panels print a value placeholder (`--crf <bool>`) even for flags, which take none.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 @app.callback()
@@ -71,7 +72,8 @@ def predict(
     = None,
     params: Annotated[Path | None, typer.Option(
         help="Params file giving the architecture (model.*), dataset, class count and CRF settings. "
-             "Default: params.yaml if it exists, else the built-in defaults (ResNet-101).", show_default=False)] = None,
+             "Default: params.yaml if it exists, else the built-in defaults (ResNet-101). A params file must "
+             "hold every section.", show_default=False)] = None,
     max_size: Annotated[int | None, typer.Option(
         min=1, help="Shrink images whose long side exceeds this before the network (and CRF); labels come back "
                     "at full size. Default: none (any size runs).", show_default=False)] = None,

@@ -1,7 +1,14 @@
-"""Typed view of params.yaml: every section is validated on load, unknown keys are errors."""
+"""Typed view of params.yaml: every section is validated on load, unknown keys are errors.
+
+Every top-level section is required in a params file: the defaults of a run live in the file (params.yaml,
+presets/), so a missing section is an error rather than a silent switch to the built-in defaults below,
+which describe the reference ResNet-101 setup (``default_params``).
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -45,6 +52,14 @@ class DatasetConfig(Section):
     # COCO-Stuff 10k is evaluated on images and labels warped to a square of this size (reference protocol).
     warp_size: PositiveInt | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _ignore_not_a_class(self) -> DatasetConfig:
+        if self.ignore_label < self.n_classes:
+            raise ValueError(f"dataset.ignore_label ({self.ignore_label}) is a class index: it must be at least "
+                             f"dataset.n_classes ({self.n_classes}), e.g. 255, or those pixels would be trained "
+                             "and scored as ignored")
+        return self
 
 
 class ModelConfig(Section):
@@ -142,27 +157,99 @@ class EvaluateConfig(Section):
     n_examples: NonNegInt = 4
 
 
+def min_crop_size(scales: tuple[float, ...], bn_batch: int | None = None) -> int:
+    """The smallest ``train.crop_size`` that trains: MSC feeds the network ``floor(crop * s)`` pixels per
+    scale (F.interpolate's rounding), which must keep one; the stride-8 network then yields at least one logit
+    and the loss shrinks the labels to it. With ``bn_batch`` (BatchNorm learning, batch of one) every
+    branch's logit map must hold more than one value per channel."""
+    c = 1
+    while any(math.floor(c * s) < 1 for s in scales):
+        c += 1
+    if bn_batch == 1:
+        from deeplab.models import output_size  # torch: only for this rare setting
+
+        while min(output_size(math.floor(c * s)) for s in (1.0, *scales)) < 2:
+            c += 1
+    return c
+
+
 class Params(Section):
-    seed: int = 0
-    dataset: DatasetConfig = DatasetConfig()
-    model: ModelConfig = ModelConfig()
-    init: InitConfig = InitConfig()
-    train: TrainConfig = TrainConfig()
-    logits: LogitsConfig = LogitsConfig()
-    crf: CrfConfig = CrfConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    # No defaults: every section must be in the file (see the module docstring).
+    seed: int
+    dataset: DatasetConfig
+    model: ModelConfig
+    init: InitConfig
+    train: TrainConfig
+    logits: LogitsConfig
+    crf: CrfConfig
+    evaluate: EvaluateConfig
+
+    @model_validator(mode="after")
+    def _crop_fits_model(self) -> Params:
+        t, scales = self.train, self.model.scales
+        bn_batch = t.batch_size if not t.freeze_bn else None
+        need = min_crop_size(scales, bn_batch)
+        if t.crop_size < need:
+            why = (f"every model.scales {list(scales)} input, floor(crop_size x scale), needs at least one pixel"
+                   if need == min_crop_size(scales) else
+                   "with train.freeze_bn false and train.batch_size 1, BatchNorm needs more than one logit per "
+                   f"channel in every model.scales {list(scales)} branch (output stride 8)")
+            raise ValueError(f"train.crop_size: {t.crop_size} is below the minimum {need} for this model: {why}")
+        return self
+
+
+def default_params() -> Params:
+    """The built-in defaults of every section (ResNet-101, synthetic data): only for tools that may run
+    without a params file (``deeplab predict``); stages always read a complete one."""
+    return Params(seed=0, dataset=DatasetConfig(), model=ModelConfig(), init=InitConfig(), train=TrainConfig(),
+                  logits=LogitsConfig(), crf=CrfConfig(), evaluate=EvaluateConfig())
 
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
 
 
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The section model holding the key at ``loc`` (Params for a top-level key), None inside a plain dict."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    key = ".".join(str(p) for p in loc)
+    section = _section_at(loc)
+    if section is None:
+        return f"{key}: unknown key"
+    allowed = list(section.model_fields)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    where = f"{prefix} keys" if prefix else "sections"
+    return f"{key}: unknown key{hint} (allowed {where}: {', '.join(allowed)})"
+
+
 def _describe(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid parameters"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    errors = err.errors()
+    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    if missing:
+        lines.append(f"  missing sections: {', '.join(missing)} (every section must be in the file; "
+                     "params.yaml and presets/ are complete examples)")
+    for e in errors:
+        loc = e["loc"]
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "missing" and len(loc) == 1:
+            continue
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {_unknown_key(loc)}")
+        elif e["type"] == "value_error":  # our validators' messages name their keys and values
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, load_params
+from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, default_params, load_params
 from deeplab.data import DataError, atomic_save, read_image, write_label
 from deeplab.datasets import CLASS_TABLES, class_names
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
@@ -76,9 +76,11 @@ def resolve_params(path: Path | None = None, dataset: str | None = None, n_class
     """``path`` (default: params.yaml if it exists, else the built-in defaults) with the overrides applied.
     ``dataset`` alone also sets the class count to the size of its class table when it changes the dataset."""
     if path is not None or PARAMS_FILE.is_file():
-        p = load_params(path or PARAMS_FILE)
+        p = load_params(path or PARAMS_FILE)  # a params file, as for a stage, must hold every section
     else:
-        p = Params()
+        # Kept on purpose: predict runs on weights alone (a released ResNet-101 checkpoint, outside any
+        # project), so with no file at all the built-in ResNet-101 defaults describe the network.
+        p = default_params()
     if dataset is None and n_classes is None:
         return p
     data = p.model_dump()

@@ -1,5 +1,8 @@
 import logging
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from deeplab.config import load_params
 from deeplab.crf import choose_n_jobs, run_crf
@@ -10,11 +13,17 @@ from deeplab.tracking import stage_run
 log = logging.getLogger("stages.crf")
 
 
-def crf(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-        logits: Path = Path("data/logits"), out: Path = Path("data/predictions/crf"),
-        progress: Path = Path("data/crf_progress")) -> None:
-    """Dense CRF over the saved logits of the validation split, in parallel, writing label maps. Finished maps
-    are kept in PROGRESS (not a DVC output, so it survives DVC's cleanup) keyed by settings, code and inputs."""
+def crf(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, crf.*); must hold every "
+                                                  "section.")] = Path("params.yaml"),
+        lists: Annotated[Path, typer.Option(help="The prepare stage's file lists (the validation split).")]
+        = Path("data/prepared"),
+        logits: Annotated[Path, typer.Option(help="The logits stage's <id>.npy logits.")] = Path("data/logits"),
+        out: Annotated[Path, typer.Option(help="Folder for the CRF <id>.png label maps.")]
+        = Path("data/predictions/crf"),
+        progress: Annotated[Path, typer.Option(help="Finished maps keyed by settings, code and inputs; not a DVC "
+                                                    "output, so a rerun after an interruption resumes from it.")]
+        = Path("data/crf_progress")) -> None:
+    """Dense CRF over the saved logits of the validation split, in parallel, writing label maps."""
     p = load_params(params)
     with stage_run("crf", p) as mlflow:
         items = read_list(lists / f"{p.dataset.val_split}.txt")

@@ -3,6 +3,7 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -45,8 +46,14 @@ def confusions_csv(hist: np.ndarray, names: Sequence[str], k: int = 20) -> str:
 
 
 def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf"),
-             params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-             predictions: Path = Path("data/predictions"), out: Path = Path("metrics")) -> None:
+             params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, evaluate.*); must hold "
+                                                       "every section.")] = Path("params.yaml"),
+             lists: Annotated[Path, typer.Option(help="The prepare stage's file lists (the validation split).")]
+             = Path("data/prepared"),
+             predictions: Annotated[Path, typer.Option(help="Folder holding the raw/ and crf/ label maps.")]
+             = Path("data/predictions"),
+             out: Annotated[Path, typer.Option(help="Metrics folder: results go to OUT/KIND.")]
+             = Path("metrics")) -> None:
     """Scores of the raw or CRF predictions against the validation labels, with per-class IoU and
     confusion-matrix plots, the most confused class pairs and a grid of example predictions."""
     if kind not in KINDS:

@@ -1,5 +1,8 @@
 import logging
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from deeplab.caffe import convert_caffemodel
 from deeplab.config import load_params
@@ -13,8 +16,15 @@ from deeplab.train import calibration_batches
 log = logging.getLogger("stages.init")
 
 
-def init(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-         out: Path = Path("data/models/init.pt"), downloads: Path = Path("data/downloads")) -> None:
+def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, init.*, "
+                                                   "train.crop_size); must hold every section.")]
+         = Path("params.yaml"),
+         lists: Annotated[Path, typer.Option(help="The prepare stage's file lists (training crops calibrate "
+                                                  "BatchNorm for init.source scratch).")] = Path("data/prepared"),
+         out: Annotated[Path, typer.Option(help="Initial weights (state dict) to write.")]
+         = Path("data/models/init.pt"),
+         downloads: Annotated[Path, typer.Option(help="Folder for the downloaded caffemodel archive.")]
+         = Path("data/downloads")) -> None:
     """Produce the initial weights the train stage starts from: seeded from-scratch, a converted DeepLab
     caffemodel (downloaded unless init.path names one), or a PyTorch checkpoint."""
     p = load_params(params)

@@ -1,8 +1,10 @@
 import logging
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 
 from deeplab.config import load_params
 from deeplab.files import file_hash
@@ -16,9 +18,15 @@ from deeplab.train import Dist, pick_device
 log = logging.getLogger("stages.logits")
 
 
-def logits(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-           weights: Path = Path("data/models/final.pt"), out: Path = Path("data/logits"),
-           predictions: Path = Path("data/predictions/raw")) -> None:
+def logits(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, logits.*); must "
+                                                     "hold every section.")] = Path("params.yaml"),
+           lists: Annotated[Path, typer.Option(help="The prepare stage's file lists (the validation split).")]
+           = Path("data/prepared"),
+           weights: Annotated[Path, typer.Option(help="Trained weights from the train stage.")]
+           = Path("data/models/final.pt"),
+           out: Annotated[Path, typer.Option(help="Folder for <id>.npy float16 logits.")] = Path("data/logits"),
+           predictions: Annotated[Path, typer.Option(help="Folder for the raw <id>.png label maps.")]
+           = Path("data/predictions/raw")) -> None:
     """Multi-scale inference on the validation split: stride-8 float16 logits and raw label maps."""
     p = load_params(params)
     if p.logits.nproc_per_node > 1 and not under_torchrun():

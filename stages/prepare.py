@@ -1,4 +1,7 @@
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from deeplab import datasets
 from deeplab.config import load_params
@@ -6,8 +9,12 @@ from deeplab.stage import command
 from deeplab.tracking import stage_run
 
 
-def prepare(params: Path = Path("params.yaml"), raw: Path = Path("data/raw"),
-            out: Path = Path("data/prepared")) -> None:
+def prepare(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*); must hold every section.")]
+            = Path("params.yaml"),
+            raw: Annotated[Path, typer.Option(help="The download stage's folder (unless dataset.root names one).")]
+            = Path("data/raw"),
+            out: Annotated[Path, typer.Option(help="Folder for the <split>.txt file lists (and warped images).")]
+            = Path("data/prepared")) -> None:
     """Write the train and validation file lists (and any pre-processing the dataset needs) into OUT."""
     p = load_params(params)
     d = p.dataset

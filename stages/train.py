@@ -2,6 +2,9 @@ import csv
 import logging
 import sys
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from deeplab.config import load_params
 from deeplab.files import file_hash
@@ -12,10 +15,18 @@ from deeplab.train import train as run_training
 log = logging.getLogger("stages.train")
 
 
-def train(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared"),
-          init: Path = Path("data/models/init.pt"), out: Path = Path("data/models/final.pt"),
-          checkpoint: Path = Path("data/checkpoints/last.pt"),
-          log_csv: Path = Path("metrics/train_log.csv")) -> None:
+def train(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, train.*); must "
+                                                    "hold every section.")] = Path("params.yaml"),
+          lists: Annotated[Path, typer.Option(help="The prepare stage's file lists.")] = Path("data/prepared"),
+          init: Annotated[Path, typer.Option(help="Initial weights from the init stage.")]
+          = Path("data/models/init.pt"),
+          out: Annotated[Path, typer.Option(help="Final weights (state dict) to write.")]
+          = Path("data/models/final.pt"),
+          checkpoint: Annotated[Path, typer.Option(help="Checkpoint written every train.checkpoint_every "
+                                                        "iterations and resumed from when it matches.")]
+          = Path("data/checkpoints/last.pt"),
+          log_csv: Annotated[Path, typer.Option(help="CSV of the loss and lr per iteration.")]
+          = Path("metrics/train_log.csv")) -> None:
     """Train DeepLab v2 from the initial weights; resumes from CHECKPOINT after an interruption."""
     p = load_params(params)
     t = p.train

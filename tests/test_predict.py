@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,11 @@ from deeplab.predict import (
     resolve_params,
 )
 from deeplab.viz import present_classes
+from tests.conftest import tiny_params
 
 N_CLASSES = 6
-TINY = {"dataset": {"name": "synthetic", "n_classes": N_CLASSES}, "model": {"n_blocks": [1, 1, 1, 1], "width": 8}}
+# A complete params file (every section is required), with the tiny model of tiny_model().
+TINY = tiny_params(**{"dataset.n_classes": N_CLASSES})
 
 
 def tiny_model(n_classes: int = N_CLASSES, seed: int = 0) -> torch.nn.Module:
@@ -229,6 +232,28 @@ def test_resolve_params(tmp_path, monkeypatch):
         resolve_params(n_classes=1)
     with pytest.raises(ParamsError, match="missing.yaml"):
         resolve_params(Path("missing.yaml"))
+
+
+def test_predict_help_shows_flags_without_a_value():
+    result = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output  # --crf and --help take no value
+    crf = next(line for line in result.output.splitlines() if line.strip().startswith("--crf"))
+    assert re.fullmatch(r"\s*--crf\s+Refine with the dense CRF \(crf\.\* from the params\)\.\s*", crf), crf
+    assert "--params <path>" in result.output and "A params file must hold every section." in result.output
+
+
+def test_resolve_params_rejects_a_partial_file(tmp_path, monkeypatch):
+    """Only the absence of any params file falls back to the built-in defaults; a file must be complete."""
+    monkeypatch.chdir(tmp_path)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump({"model": {"n_blocks": [1, 1, 1, 1], "width": 8}}))
+    with pytest.raises(ParamsError, match=r"partial\.yaml: invalid parameters\n  missing sections: seed, dataset, "
+                                          r"init, train, logits, crf, evaluate"):
+        resolve_params(partial)
+    (tmp_path / "params.yaml").write_text("")
+    with pytest.raises(ParamsError, match="params.yaml: invalid parameters\n  missing sections: seed, dataset, model"):
+        resolve_params()
 
 
 def test_load_model_is_strict(setup):
