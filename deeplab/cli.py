@@ -60,20 +60,23 @@ def predict(
                                                  show_default=False)],
     model: Annotated[Path, typer.Option(
         "--model", "-m", show_default=False,
-        help="Weights: a state dict (.pt/.pth: data/models/final.pt, a converted caffemodel, a checkpoint holding "
-             "{'model': ...}) or a .caffemodel with a head for the class count.")],
+        help="Weights: data/models/final.pt (it records its model, class names and input mean), a state dict "
+             "(.pt/.pth: a converted caffemodel, a checkpoint holding {'model': ...}) or a .caffemodel with a head "
+             "for the class count.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <stem>_label.png and <stem>_overlay.png.")]
     = Path("predictions"),
     crf: Annotated[bool, typer.Option("--crf", help="Refine with the dense CRF (crf.* from the params).")] = False,
     dataset: Annotated[str | None, typer.Option(
         help="Class names of this dataset (synthetic, voc12, cocostuff10k, cocostuff164k); when it differs from "
              "the params, also its class count unless --n-classes.", show_default=False)] = None,
-    n_classes: Annotated[int | None, typer.Option(help="Class count of the weights' head.", show_default=False)]
+    n_classes: Annotated[int | None, typer.Option(
+        help="Class count of the weights' head (weights written by train know theirs).", show_default=False)]
     = None,
     params: Annotated[Path | None, typer.Option(
-        help="Params file giving the architecture (model.*), dataset, class count and CRF settings. "
-             "Default: params.yaml if it exists, else the built-in defaults (ResNet-101). A params file must "
-             "hold every section.", show_default=False)] = None,
+        help="Params file giving the architecture (model.*), dataset, class count and CRF settings; for weights "
+             "written by train only crf.* and logits.amp (the rest is in the file). Default: params.yaml if it "
+             "exists, else the built-in defaults (ResNet-101). A params file must hold every section.",
+        show_default=False)] = None,
     max_size: Annotated[int | None, typer.Option(
         min=1, help="Shrink images whose long side exceeds this before the network (and CRF); labels come back "
                     "at full size. Default: none (any size runs).", show_default=False)] = None,

@@ -49,10 +49,22 @@ class DataError(ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 HxWx3, EXIF orientation applied, grayscale/RGBA/palette converted."""
+    """RGB uint8 HxWx3, EXIF orientation applied, grayscale/RGBA/palette converted. 16-bit grayscale (PIL modes
+    I;16*, and I with values in 0..65535) is scaled to 8 bits as round(x / 257); PIL itself reads 48/64-bit
+    RGB(A) PNGs as their high bytes. Float images (mode F) are refused: their value range is unknown."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode == "F":
+                raise DataError(f"{path}: floating-point image (mode F) is not supported: its value range is "
+                                "unknown; save it as an 8- or 16-bit image")
+            if im.mode == "I" or im.mode.startswith("I;16"):  # convert("RGB") would clip these at 255
+                wide = np.asarray(im).astype(np.int64)
+                if wide.size and (wide.min() < 0 or wide.max() > 65535):
+                    raise DataError(f"{path}: 32-bit integer image with values {wide.min()}..{wide.max()}, "
+                                    "outside the 16-bit range 0..65535: save it as an 8- or 16-bit image")
+                gray = ((2 * wide + 257) // 514).astype(np.uint8)  # round(x / 257), exact in integers
+                return np.repeat(gray[..., None], 3, axis=2)
             return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None

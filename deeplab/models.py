@@ -6,6 +6,7 @@ Module names follow the reference implementation, so its released weights (keys 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -145,27 +146,129 @@ def output_size(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a weights file: a plain state dict or a checkpoint holding one under ``model``.
-    Loaded with ``weights_only=True``: no pickled code runs."""
+# Weights files written by train: {"model": state dict, "deeplab": metadata}. The metadata holds only str, int,
+# float and lists, so the file still loads with torch.load(weights_only=True); plain state dicts load as before.
+META_KEY = "deeplab"
+META_FORMAT = 1
+ARCH = "deeplabv2"
+# The input the network was trained on: RGB images converted to BGR with mean_bgr subtracted (loader.to_input).
+INPUT_CONVENTION = "bgr_mean_subtracted"
+# Metadata keys that describe the network's shape, in build_model's terms.
+SHAPE_KEYS = ("n_classes", "n_blocks", "width", "atrous_rates")
+
+
+def weights_file(state: dict[str, torch.Tensor], *, n_classes: int, n_blocks: Sequence[int], width: int,
+                 atrous_rates: Sequence[int], scales: Sequence[float], class_names: Sequence[str], dataset: str,
+                 mean_bgr: Sequence[float]) -> dict:
+    """What train saves: the state dict under ``model`` and, under ``deeplab``, what rebuilding and feeding the
+    model needs, so hub, predict and init load it by path alone."""
+    if len(class_names) != n_classes:
+        raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
+    meta = {"format": META_FORMAT, "arch": ARCH, "n_classes": int(n_classes), "n_blocks": [int(b) for b in n_blocks],
+            "width": int(width), "atrous_rates": [int(r) for r in atrous_rates], "scales": [float(s) for s in scales],
+            "class_names": [str(c) for c in class_names], "dataset": str(dataset), "input": INPUT_CONVENTION,
+            "mean_bgr": [float(m) for m in mean_bgr]}
+    return {"model": state, META_KEY: meta}
+
+
+def normalize(key: str, value: object) -> object:
+    """A metadata or build_model value in one comparable form: tuples for sequences, int or float scalars."""
+    if key in ("n_blocks", "atrous_rates"):
+        return tuple(int(v) for v in value)  # type: ignore[union-attr]
+    if key in ("scales", "mean_bgr"):
+        return tuple(float(v) for v in value)  # type: ignore[union-attr]
+    if key in ("n_classes", "width"):
+        return int(value)  # type: ignore[call-overload]
+    return value
+
+
+def check_metadata(path: str | Path, meta: object) -> dict:
+    """The ``deeplab`` metadata of ``path`` with sequences as tuples; raises ValueError naming the file and the
+    key for metadata this code cannot use (another format version or architecture, a missing or bad key)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the '{META_KEY}' metadata is not a mapping")
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{path}: weights metadata format {meta.get('format')!r}, this code reads "
+                         f"format {META_FORMAT}")
+    for key, want in (("arch", ARCH), ("input", INPUT_CONVENTION)):
+        if meta.get(key) != want:
+            raise ValueError(f"{path}: weights metadata {key} is {meta.get(key)!r}, this code supports {want!r}")
+    out = dict(meta)
+    try:
+        for key in (*SHAPE_KEYS, "scales", "mean_bgr"):
+            out[key] = normalize(key, meta[key])
+        out["class_names"] = tuple(str(c) for c in meta["class_names"])
+        out["dataset"] = str(meta["dataset"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: weights metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
+    if len(out["n_blocks"]) != 4 or len(out["mean_bgr"]) != 3 or len(out["class_names"]) != out["n_classes"]:
+        raise ValueError(f"{path}: weights metadata is inconsistent (n_blocks {out['n_blocks']}, mean_bgr "
+                         f"{out['mean_bgr']}, {len(out['class_names'])} class names for {out['n_classes']} classes)")
+    return out
+
+
+def conflicts(meta: dict, **given: object) -> list[tuple[str, object, object]]:
+    """(key, the file's value, the given value) for every given value (None: not given) that differs from
+    the metadata."""
+    return [(k, meta[k], normalize(k, v)) for k, v in given.items()
+            if v is not None and normalize(k, v) != meta[k]]
+
+
+def build_from_metadata(meta: dict, scales: Sequence[float] | None = None) -> MSC:
+    """The model the metadata describes (with other extra input ``scales`` if given)."""
+    return build_model(meta["n_classes"], meta["n_blocks"], meta["width"], meta["atrous_rates"],
+                       meta["scales"] if scales is None else scales)
+
+
+def _refusal(path: str | Path, e: Exception) -> str:
+    """Why torch.load refused ``path``, without torch's advice to load it with ``weights_only=False``."""
+    text = str(e)
+    if "Weights only load failed" in text and "Unsupported operand" not in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found[1]})" if found else ""
+        return (f"{path}: not a plain weights file: it holds pickled Python objects{what}, which are not loaded "
+                "because unpickling can run arbitrary code. If you trust the file, load it in the code that wrote it "
+                "and save only the tensors, e.g. torch.save(model.state_dict(), 'weights.pt'), then use that file")
+    if "weights_only" in text or "Weights only" in text:
+        return f"{path}: not a PyTorch weights file"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"{path}: not a PyTorch weights file ({first})"
+
+
+def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The state dict of a weights file (a plain state dict, or a checkpoint holding one under ``model``) and
+    its ``deeplab`` metadata (``check_metadata``), None when it has none. Loaded with ``weights_only=True``:
+    no pickled code runs."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: weights file not found") from None
     except Exception as e:  # torch raises several types for non-checkpoint files
-        raise ValueError(f"{path}: not a PyTorch weights file ({e})") from None
+        raise ValueError(_refusal(path, e)) from None
+    meta = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if META_KEY in obj:
+            meta = check_metadata(path, obj[META_KEY])
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict of tensors")
-    return obj
+    return obj, meta
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (see ``read_weights_file``), without its metadata."""
+    return read_weights_file(path)[0]
 
 
 def load_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load ``path`` into ``model``. Every backbone tensor must be present with the right shape; ASPP
-    tensors of another shape (a different class count) are left at their fresh initialisation.
-    Returns the names of the tensors left fresh."""
-    state = read_state_dict(path)
+    """Load ``path`` into ``model`` (see ``load_state``). Returns the names of the tensors left fresh."""
+    return load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> list[str]:
+    """Load ``state`` (read from ``path``, named in errors) into ``model``. Every backbone tensor must be
+    present with the right shape; ASPP tensors of another shape (a different class count) are left at their
+    fresh initialisation. Returns the names of the tensors left fresh."""
     own = model.state_dict()
     fresh, problems = [], []
     for name, ref in own.items():

@@ -22,7 +22,7 @@ from deeplab.data import DataError, atomic_save, read_image, write_label
 from deeplab.datasets import CLASS_TABLES, class_names
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
 from deeplab.loader import to_input
-from deeplab.models import MSC, build_model, read_state_dict
+from deeplab.models import MSC, build_model, conflicts, read_weights_file
 from deeplab.viz import overlay, present_classes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
@@ -106,11 +106,12 @@ def architecture(state: Mapping[str, torch.Tensor]) -> str:
             f"{head.shape[0] if head is not None else '?'} classes")
 
 
-def read_weights(path: Path, p: Params) -> dict[str, torch.Tensor]:
-    """A state dict from a .pt/.pth file (plain, or a checkpoint holding it under ``model``), or converted in
-    memory from a .caffemodel, which must then hold an ASPP head for ``dataset.n_classes`` classes."""
+def read_weights(path: Path, p: Params) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A state dict and its metadata (None if it has none) from a .pt/.pth file (plain, a checkpoint holding it
+    under ``model``, or written by train with its model config), or converted in memory from a .caffemodel,
+    which must then hold an ASPP head for ``dataset.n_classes`` classes."""
     if path.suffix.lower() != ".caffemodel":
-        return read_state_dict(path)
+        return read_weights_file(path)
     from deeplab.caffe import CaffeError, convert, read_caffemodel
 
     try:
@@ -125,15 +126,35 @@ def read_weights(path: Path, p: Params) -> dict[str, torch.Tensor]:
     if fresh:
         raise ValueError(f"{path}: {fresh[0].split(':')[0]}: no trained classifier for "
                          f"{p.dataset.n_classes} classes (set the class count with --n-classes or --params)")
-    return state
+    return state, None
 
 
-def load_model(path: Path, p: Params) -> MSC:
-    """The MSC model of ``p.model`` / ``p.dataset.n_classes`` with every tensor from ``path`` (strict: a head
+def with_metadata(path: Path, meta: dict | None, p: Params, dataset: str | None = None,
+                  n_classes: int | None = None) -> tuple[Params, list[str]]:
+    """The params with what the weights' metadata fixes (architecture, scales, class count, input mean), and
+    the class names for legends. ``dataset`` / ``n_classes`` (the command-line options, None if not given) must
+    agree with the metadata; without metadata the params alone say it all."""
+    if meta is None:
+        return p, class_names(p.dataset.name, p.dataset.n_classes)
+    clash = [("--n-classes", have, given) for _, have, given in conflicts(meta, n_classes=n_classes)]
+    if dataset is not None and dataset != meta["dataset"]:
+        clash.append(("--dataset", meta["dataset"], dataset))
+    if clash:
+        raise ParamsError(f"{path}: " + "; ".join(f"{k} {given} given, but the weights were trained with {have}"
+                                                  for k, have, given in clash) + " (leave it out)")
+    data = p.model_dump()
+    data["model"].update({k: meta[k] for k in ("n_blocks", "width", "atrous_rates", "scales")})
+    data["dataset"].update(n_classes=meta["n_classes"], mean_bgr=meta["mean_bgr"])
+    if meta["dataset"] in CLASS_TABLES:
+        data["dataset"]["name"] = meta["dataset"]
+    return Params.model_validate(data), list(meta["class_names"])
+
+
+def fit_model(path: Path, state: Mapping[str, torch.Tensor], p: Params) -> MSC:
+    """The MSC model of ``p.model`` / ``p.dataset.n_classes`` with every tensor of ``state`` (strict: a head
     of another class count is an error, never a random head), in eval mode."""
     m = p.model
     model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
-    state = read_weights(path, p)
     own = model.state_dict()
     wrong = [k for k, v in own.items() if k not in state or state[k].shape != v.shape]
     wrong += [k for k in state if k not in own]
@@ -143,6 +164,12 @@ def load_model(path: Path, p: Params) -> MSC:
                          "architecture with --params and the class count with --n-classes")
     model.load_state_dict(state)
     return model.eval()
+
+
+def load_model(path: Path, p: Params) -> MSC:
+    """The model of ``path`` (``fit_model``): shaped by its metadata if it has some, else by ``p``."""
+    state, meta = read_weights(path, p)
+    return fit_model(path, state, with_metadata(path, meta, p)[0])
 
 
 def network_size(h: int, w: int, max_size: int | None) -> tuple[int, int]:
@@ -200,8 +227,9 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
     if not paths:
         raise DataError("no images to predict")
     dev = pick_device(device)
-    model = load_model(weights, p).to(dev)
-    names = class_names(p.dataset.name, p.dataset.n_classes)
+    state, meta = read_weights(weights, p)
+    p, names = with_metadata(weights, meta, p, dataset, n_classes)
+    model = fit_model(weights, state, p).to(dev)
     amp = p.logits.amp and dev.type == "cuda"
     failed = len(errors)
     for path, stem in zip(paths, output_stems(paths), strict=True):

@@ -8,12 +8,25 @@ from deeplab.caffe import convert_caffemodel
 from deeplab.config import load_params
 from deeplab.download import fetch_caffemodel
 from deeplab.files import file_hash, save_torch
-from deeplab.models import build_model, calibrate_bn, init_from_scratch, load_weights
+from deeplab.models import (
+    build_model,
+    calibrate_bn,
+    conflicts,
+    init_from_scratch,
+    load_state,
+    load_weights,
+    read_weights_file,
+)
 from deeplab.stage import command
 from deeplab.tracking import stage_run
 from deeplab.train import calibration_batches
 
 log = logging.getLogger("stages.init")
+
+
+def show(value: object) -> object:
+    """A params value as params.yaml writes it (lists, not tuples)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, init.*, "
@@ -29,6 +42,22 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
     caffemodel (downloaded unless init.path names one), or a PyTorch checkpoint."""
     p = load_params(params)
     m, i = p.model, p.init
+    # Checked before MLflow starts a run: a wrong path or model is a config error, not a failed run.
+    if i.source != "scratch" and i.path and not Path(i.path).is_file():
+        raise FileNotFoundError(f"init.path: {i.path}: no such {i.source} file (init.source is {i.source!r})")
+    if i.source == "checkpoint":
+        try:
+            state, meta = read_weights_file(Path(i.path))
+        except ValueError as e:  # names the file; say which setting gave it
+            raise ValueError(f"init.path: {e}") from None
+        if meta is not None:  # written by train: name the params that differ instead of listing tensors
+            clash = conflicts(meta, n_blocks=m.n_blocks, width=m.width, atrous_rates=m.atrous_rates)
+            if clash:
+                raise ValueError(f"init.path: {i.path}: the checkpoint was trained with another model: " + "; ".join(
+                    f"model.{k} is {show(given)} in the params, {show(have)} in the file" for k, have, given in clash))
+            if conflicts(meta, mean_bgr=p.dataset.mean_bgr):
+                log.warning("init.path %s was trained with input mean %s, dataset.mean_bgr is %s", i.path,
+                            show(meta["mean_bgr"]), show(p.dataset.mean_bgr))
     with stage_run("init", p) as mlflow:
         model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
         if i.source == "scratch":
@@ -45,7 +74,7 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
                 log.info("%s", line)
             load_weights(model, out)  # the converted file must fit the configured model
         else:
-            fresh = load_weights(model, Path(i.path))
+            fresh = load_state(model, state, Path(i.path))
             if fresh:
                 log.info("classifier head initialised fresh (%d tensors): class count differs", len(fresh))
             save_torch(model.state_dict(), out)

@@ -1,3 +1,7 @@
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +64,48 @@ def test_read_image_converts_gray_and_rgba(tmp_path):
     Image.new("RGBA", (5, 4), (1, 2, 3, 4)).save(tmp_path / "a.png")
     assert read_image(tmp_path / "g.png").shape == (4, 5, 3)
     assert read_image(tmp_path / "a.png")[0, 0].tolist() == [1, 2, 3]
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (gray, RGB or RGBA by the channel count) from the spec: signature, IHDR, one zlib IDAT of
+    unfiltered big-endian rows, IEND. PIL cannot write 48/64-bit PNGs."""
+    h, w = pixels.shape[:2]
+    colour = {1: 0, 3: 2, 4: 6}[1 if pixels.ndim == 2 else pixels.shape[2]]  # PNG colour type
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_read_image_scales_16_bit_and_refuses_float(tmp_path):
+    values = np.array([[0, 1, 128, 129, 257, 32767], [32768, 40000, 65279, 65280, 65534, 65535]], np.uint16)
+    gray8 = np.repeat(np.round(values / 257).astype(np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(values).save(tmp_path / "gray16.png")  # PIL's PNG encoder: 16-bit grayscale
+    Image.frombytes("I;16B", (6, 2), values.astype(">u2").tobytes()).save(tmp_path / "gray16b.tif")
+    Image.fromarray(values.astype(np.int32)).save(tmp_path / "gray32.tif")
+    for name, mode in (("gray16.png", "I;16"), ("gray16b.tif", "I;16B"), ("gray32.tif", "I")):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode, name
+        got = read_image(tmp_path / name)
+        assert got.dtype == np.uint8 and np.array_equal(got, gray8), name  # not clipped to 255
+
+    # 48/64-bit RGB(A): PIL keeps each value's high byte, within one level of round(x / 257).
+    rgb = np.stack([values, values[::-1], 65535 - values], axis=-1)
+    write_png16(tmp_path / "rgb48.png", rgb)
+    write_png16(tmp_path / "rgba64.png", np.dstack([rgb, values]))
+    for name in ("rgb48.png", "rgba64.png"):
+        got = read_image(tmp_path / name)
+        assert got.shape == (2, 6, 3) and np.abs(got.astype(int) - np.round(rgb / 257)).max() <= 1, name
+
+    Image.fromarray(np.array([[0.25, 0.5]], np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(DataError, match=r"float\.tif: floating-point image \(mode F\)"):
+        read_image(tmp_path / "float.tif")
+    Image.fromarray(np.array([[-1, 70000]], np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=r"wide\.tif: 32-bit integer image with values -1\.\.70000"):
+        read_image(tmp_path / "wide.tif")
 
 
 def test_to_input_is_bgr_minus_mean():

@@ -14,7 +14,7 @@ from deeplab import synthetic
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.data import voc_layout_items, write_list
 from deeplab.loader import DrawSampler
-from deeplab.models import build_model, init_from_scratch
+from deeplab.models import build_model, init_from_scratch, read_state_dict
 from tests.conftest import REPO, run_env
 
 MODEL = ModelConfig(n_blocks=(1, 1, 1, 1), width=8)
@@ -71,7 +71,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     run_worker(tmp_path, t, nproc=2)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    final, init = torch.load(tmp_path / "final.pt"), torch.load(tmp_path / "init.pt")
+    final, init = read_state_dict(tmp_path / "final.pt"), torch.load(tmp_path / "init.pt")
     assert all(torch.equal(final[k], r0[k]) for k in r0)
     assert not torch.equal(final["base.aspp.c0.weight"], init["base.aspp.c0.weight"])
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 4
@@ -105,7 +105,7 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written checkpoint left behind under its real name
 
     run_worker(tmp_path, t)
-    a, b = torch.load(ref / "final.pt"), torch.load(tmp_path / "final.pt")
+    a, b = read_state_dict(ref / "final.pt"), read_state_dict(tmp_path / "final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (ref / "log.csv").read_text() == (tmp_path / "log.csv").read_text()
     yaml.safe_dump({"killed_at": killed_at})  # keep the value visible in failure output

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeplab.models import MSC, build_model, init_from_scratch
+from deeplab.models import MSC, build_model, init_from_scratch, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"n_blocks": (1, 1, 1, 1), "width": 8}
@@ -67,3 +67,29 @@ def test_head_of_another_class_count_is_an_error(tmp_path):
         hub(n_classes=5, weights=str(path), n_blocks=(1, 1, 2, 1), width=8)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         hub(n_classes=5, weights=str(tmp_path / "missing.pt"), **SMALL)
+
+
+def test_trained_weights_load_by_path_alone(tmp_path):
+    from tests.test_train import tiny_trained
+
+    path = tiny_trained(tmp_path)
+    model = hub(weights=str(path))  # no n_classes, n_blocks, width: the file's metadata says them
+    assert isinstance(model, MSC) and not model.training and model.scales == (0.75,)
+    assert model.meta["class_names"] == ("background", "aeroplane", "bicycle", "bird")
+    assert model.meta["mean_bgr"] == (100.0, 110.0, 120.0)
+    state = read_state_dict(path)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 41, 53)).shape == (1, 4, 6, 7)
+    assert hub(weights=path, n_classes=4, n_blocks=[1, 1, 1, 1], width=8).state_dict().keys() == state.keys()
+    assert hub(weights=path, scales=(0.5, 1.25)).scales == (0.5, 1.25)  # an inference choice, not the weights'
+
+    with pytest.raises(ValueError, match=r"final\.pt: n_classes=21 given, the file's metadata says n_classes=4"):
+        hub(weights=path, n_classes=21)
+    with pytest.raises(ValueError, match=r"n_blocks=\(3, 4, 23, 3\) given, the file's metadata says "
+                                         r"n_blocks=\(1, 1, 1, 1\); width=64 given.*width=8"):
+        hub(weights=path, n_blocks=(3, 4, 23, 3), width=64)
+    with pytest.raises(TypeError, match="depth"):
+        hub(weights=path, depth=101)
+    assert hub(n_classes=4, **SMALL).meta is None  # no weights: as before

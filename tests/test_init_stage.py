@@ -4,9 +4,10 @@ import io
 import zipfile
 
 import torch
+import yaml
 
 from deeplab.caffe import write_caffemodel
-from deeplab.models import build_model
+from deeplab.models import build_model, read_state_dict
 from tests.conftest import make_project, sh, tiny_params
 from tests.official_layouts import ArchiveServer, md5
 from tests.test_caffe import small_layers
@@ -60,3 +61,46 @@ def test_init_from_local_caffemodel_with_other_classes_and_checkpoint(tmp_path):
     assert "classifier head initialised fresh (8 tensors)" in res.stderr
     state = torch.load(root / "data/models/init.pt", weights_only=True)
     assert torch.equal(state["base.layer5.block1.reduce.conv.weight"], other.base.layer5.block1.reduce.conv.weight)
+
+
+def test_missing_or_pickled_init_path_is_named(tmp_path):
+    from tests.test_models import Payload
+
+    params = tiny_params()
+    params["init"].update(source="caffemodel", path=str(tmp_path / "nowhere" / "init.caffemodel"))
+    root = make_project(tmp_path / "repo", params)
+    res = sh(root, "python", "-m", "stages.init", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"error: init.path: {tmp_path / 'nowhere' / 'init.caffemodel'}: no such caffemodel file" in res.stderr
+
+    torch.save({"model": build_model(6, (1, 1, 1, 1), 8).state_dict(), "extra": Payload()}, tmp_path / "pickled.pt")
+    params["init"].update(source="checkpoint", path=str(tmp_path / "pickled.pt"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    res = sh(root, "python", "-m", "stages.init", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "weights_only" not in res.stderr
+    assert f"error: init.path: {tmp_path / 'pickled.pt'}: not a plain weights file" in res.stderr
+    assert not (root / "data/models/init.pt").exists()
+
+
+def test_checkpoint_written_by_train_is_checked_against_the_model(tmp_path):
+    from tests.test_train import tiny_trained
+
+    trained = tiny_trained(tmp_path / "run")  # 4 classes, width 8, mean (100, 110, 120)
+    params = tiny_params()
+    params["model"].update(width=16, atrous_rates=[6, 12, 18, 24])
+    params["init"].update(source="checkpoint", path=str(trained))
+    root = make_project(tmp_path / "repo", params)
+    res = sh(root, "python", "-m", "stages.init", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (f"error: init.path: {trained}: the checkpoint was trained with another model: "
+            "model.width is 16 in the params, 8 in the file") in res.stderr
+    assert not (root / "mlflow.db").exists()  # refused before any run was recorded
+
+    params["model"]["width"] = 8
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    res = sh(root, "python", "-m", "stages.init")
+    assert "input mean [100.0, 110.0, 120.0], dataset.mean_bgr is [104.008, 116.669, 122.675]" in res.stderr
+    assert "classifier head initialised fresh (8 tensors)" in res.stderr  # 4 classes trained, 6 configured
+    init = torch.load(root / "data/models/init.pt", weights_only=True)
+    key = "base.layer5.block1.reduce.conv.weight"
+    assert "deeplab" not in init and torch.equal(init[key], read_state_dict(trained)[key])  # init.pt stays plain

@@ -1,7 +1,22 @@
+import re
+
 import pytest
 import torch
 
-from deeplab.models import MSC, build_model, calibrate_bn, freeze_bn, init_from_scratch, load_weights, output_size
+from deeplab.models import (
+    MSC,
+    build_from_metadata,
+    build_model,
+    calibrate_bn,
+    conflicts,
+    freeze_bn,
+    init_from_scratch,
+    load_weights,
+    output_size,
+    read_state_dict,
+    read_weights_file,
+    weights_file,
+)
 
 
 @pytest.mark.parametrize("size,expected", [(321, 41), (513, 65), (240, 31), (160, 21)])
@@ -95,3 +110,47 @@ def test_load_weights_rejects_missing_backbone_and_garbage(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: not a PyTorch weights file"):
         load_weights(model, tmp_path / "junk.pt")
+
+
+class Payload:
+    """A custom class: torch.save pickles it by reference, so loading it would run this module's code."""
+
+    def __init__(self) -> None:
+        self.w = torch.zeros(2)
+
+
+def test_pickled_objects_are_refused_without_weights_only_advice(tmp_path):
+    torch.save({"model": build_model(4, (1, 1, 1, 1), 8).state_dict(), "extra": Payload()}, tmp_path / "pickled.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as err:
+        read_state_dict(tmp_path / "pickled.pt")
+    message = str(err.value)
+    assert "pickled.pt: not a plain weights file" in message and "tests.test_models.Payload" in message
+    assert "torch.save(model.state_dict(), 'weights.pt')" in message
+    with pytest.raises(ValueError) as junk:
+        read_state_dict(tmp_path / "junk.pt")
+    assert "junk.pt: not a PyTorch weights file" in str(junk.value)
+    for text in (message, str(junk.value)):
+        assert "weights_only" not in text and "Weights only" not in text
+
+
+def test_weights_file_metadata_round_trip_and_checks(tmp_path):
+    model = build_model(3, (1, 1, 1, 1), 8, scales=())
+    meta = dict(n_classes=3, n_blocks=(1, 1, 1, 1), width=8, atrous_rates=(6, 12, 18, 24), scales=(),
+                class_names=("a", "b", "c"), dataset="synthetic", mean_bgr=(1, 2, 3))
+    torch.save(weights_file(model.state_dict(), **meta), tmp_path / "w.pt")
+    state, read = read_weights_file(tmp_path / "w.pt")
+    assert state.keys() == model.state_dict().keys()
+    assert {k: read[k] for k in meta} == {**meta, "mean_bgr": (1.0, 2.0, 3.0)}
+    assert load_weights(build_from_metadata(read), tmp_path / "w.pt") == []
+    assert conflicts(read, n_classes=3, width=16, n_blocks=[1, 1, 1, 1], atrous_rates=None) == [("width", 8, 16)]
+
+    saved = torch.load(tmp_path / "w.pt", weights_only=True)
+    for change, error in (({"format": 2}, "format 2, this code reads format 1"),
+                          ({"arch": "deeplabv3"}, "arch is 'deeplabv3'"),
+                          ({"input": "rgb"}, "input is 'rgb'"),
+                          ({"width": None}, "malformed"),
+                          ({"class_names": ["a"]}, "1 class names for 3 classes")):
+        torch.save({**saved, "deeplab": {**saved["deeplab"], **change}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=rf"bad\.pt: .*{re.escape(error)}"):
+            read_weights_file(tmp_path / "bad.pt")

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from deeplab.caffe import write_caffemodel
 from deeplab.cli import app
-from deeplab.config import CrfConfig, ParamsError
-from deeplab.data import PALETTE, read_label
+from deeplab.config import CrfConfig, Params, ParamsError
+from deeplab.data import PALETTE, read_image, read_label
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
 from deeplab.loader import to_input
-from deeplab.models import build_model, init_from_scratch
+from deeplab.models import build_model, init_from_scratch, read_weights_file
 from deeplab.predict import (
     MIN_SIDE,
     find_images,
@@ -27,6 +27,7 @@ from deeplab.predict import (
     output_stems,
     predict_label,
     resolve_params,
+    with_metadata,
 )
 from deeplab.viz import present_classes
 from tests.conftest import tiny_params
@@ -268,3 +269,29 @@ def test_legend_lists_only_present_classes_in_order():
     label = np.array([[5, 0, 0], [3, 3, 5]], np.uint8)
     assert present_classes(label, names) == [(0, "background"), (3, "triangle"), (5, "stripe-band")]
     assert present_classes(np.array([[1, 9, 255]], np.uint8), names) == [(1, "disc"), (9, "class9"), (255, "ignore")]
+
+
+def test_trained_weights_predict_by_path_alone(tmp_path, monkeypatch):
+    from tests.test_train import tiny_trained
+
+    weights = tiny_trained(tmp_path / "run")  # voc12 names, 4 classes, width 8, mean (100, 110, 120)
+    monkeypatch.chdir(tmp_path)  # no params.yaml: the built-in defaults are ResNet-101 with 6 synthetic classes
+    Image.fromarray(photo(40, 56, 4)).save(tmp_path / "img.png")
+    result = run(tmp_path / "img.png", "--model", weights, "--out", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    label = read_label(tmp_path / "out" / "img_label.png")
+    model = load_model(weights, Params())
+    assert model.scales == (0.75,)
+    # The file's input mean and class names are used, not the params' defaults.
+    expected = predict_label(model, read_image(tmp_path / "img.png"), (100.0, 110.0, 120.0), torch.device("cpu"))
+    assert np.array_equal(label, expected)
+    p, names = with_metadata(weights, read_weights_file(weights)[1], Params())
+    assert names == ["background", "aeroplane", "bicycle", "bird"] and p.dataset.mean_bgr == (100.0, 110.0, 120.0)
+    assert f"({', '.join(names[c] for c in np.unique(label))})" in result.stdout
+
+    result = run(tmp_path / "img.png", "--model", weights, "--n-classes", "6", "--out", tmp_path / "bad")
+    assert result.exit_code == 1 and "--n-classes 6 given, but the weights were trained with 4" in result.stderr
+    result = run(tmp_path / "img.png", "--model", weights, "--dataset", "synthetic", "--out", tmp_path / "bad")
+    assert result.exit_code == 1
+    assert "--dataset synthetic given, but the weights were trained with voc12" in result.stderr
+    assert not (tmp_path / "bad").exists()

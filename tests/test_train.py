@@ -1,5 +1,6 @@
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
 from deeplab.data import write_list
-from deeplab.models import build_model, init_from_scratch
+from deeplab.models import build_model, init_from_scratch, read_state_dict, read_weights_file
 from deeplab.train import (
     RunError,
     memory_hint,
@@ -87,7 +88,7 @@ def test_bn_frozen_after_steps_and_log_written(tiny_setup):
     logged = []
     train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv",
           on_log=lambda i, loss, lr: logged.append(i))
-    init, final = torch.load(tmp / "init.pt"), torch.load(tmp / "final.pt")
+    init, final = torch.load(tmp / "init.pt"), read_state_dict(tmp / "final.pt")
     bn_keys = [k for k in init if ".bn." in k and not k.endswith("num_batches_tracked")]
     assert bn_keys and all(torch.equal(init[k], final[k]) for k in bn_keys)
     assert not torch.equal(init["base.aspp.c0.weight"], final["base.aspp.c0.weight"])
@@ -119,7 +120,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_setup):
     res = train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
                 on_log=lambda it, loss, lr: seen.append(it))
     assert res.resumed_from == 2 and seen == [3, 4, 5]
-    a, b = torch.load(tmp / "a.pt"), torch.load(tmp / "b.pt")
+    a, b = read_state_dict(tmp / "a.pt"), read_state_dict(tmp / "b.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
 
@@ -181,7 +182,7 @@ def test_finished_checkpoint_trains_again_from_the_start(tiny_setup, caplog):
                 on_log=lambda it, loss, lr: seen.append(it))
     assert res.resumed_from == 0 and seen == [1, 2, 3, 4]
     assert "holds a finished run (iteration 4): training again from the start" in caplog.text
-    a, b = torch.load(tmp / "a.pt"), torch.load(tmp / "b.pt")
+    a, b = read_state_dict(tmp / "a.pt"), read_state_dict(tmp / "b.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic: the rerun reproduces the weights
 
 
@@ -199,3 +200,34 @@ def test_out_of_range_label_stops_training_with_one_line(tiny_setup, workers):
     message = str(err.value)
     assert "\n" not in message and "Traceback" not in message
     assert re.fullmatch(r".*train_\d+\.png: label values 7 \(2304 pixels\) are outside the allowed 0\.\.3 .*", message)
+
+
+def tiny_trained(tmp: Path, name: str = "voc12", mean_bgr: tuple[float, float, float] = (100.0, 110.0, 120.0)) -> Path:
+    """final.pt of a real 2-iteration run of a 4-class (n_blocks 1,1,1,1, width 8) model on synthetic data."""
+    from deeplab import synthetic
+    from deeplab.data import voc_layout_items
+
+    synthetic.generate(tmp / "raw", 4, 1, 48, 48, 4, seed=1)
+    write_list(tmp / "train.txt", voc_layout_items(tmp / "raw", "train"))
+    d = DatasetConfig(name=name, n_classes=4, mean_bgr=mean_bgr)
+    m = ModelConfig(n_blocks=(1, 1, 1, 1), width=8, scales=(0.75,))
+    model = build_model(4, m.n_blocks, m.width, m.atrous_rates, m.scales)
+    init_from_scratch(model, 0)
+    torch.save(model.state_dict(), tmp / "init.pt")
+    t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, device="cpu")
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv")
+    return tmp / "final.pt"
+
+
+def test_final_weights_carry_the_model_config(tmp_path):
+    path = tiny_trained(tmp_path)
+    saved = torch.load(path, weights_only=True)  # metadata of str, int, float and lists only
+    assert saved["deeplab"] == {
+        "format": 1, "arch": "deeplabv2", "n_classes": 4, "n_blocks": [1, 1, 1, 1], "width": 8,
+        "atrous_rates": [6, 12, 18, 24], "scales": [0.75],
+        "class_names": ["background", "aeroplane", "bicycle", "bird"], "dataset": "voc12",
+        "input": "bgr_mean_subtracted", "mean_bgr": [100.0, 110.0, 120.0]}
+    state, meta = read_weights_file(path)
+    assert state.keys() == build_model(4, (1, 1, 1, 1), 8).state_dict().keys()
+    assert meta["n_blocks"] == (1, 1, 1, 1) and meta["class_names"][1] == "aeroplane"
+    assert not torch.equal(state["base.aspp.c0.weight"], torch.load(tmp_path / "init.pt")["base.aspp.c0.weight"])
