@@ -220,7 +220,7 @@ def build_from_metadata(meta: dict, scales: Sequence[float] | None = None) -> MS
                        meta["scales"] if scales is None else scales)
 
 
-def _refusal(path: str | Path, e: Exception) -> str:
+def refusal_message(path: str | Path, e: Exception) -> str:
     """Why torch.load refused ``path``, without torch's advice to load it with ``weights_only=False``."""
     text = str(e)
     if "Weights only load failed" in text and "Unsupported operand" not in text:
@@ -244,7 +244,7 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict |
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: weights file not found") from None
     except Exception as e:  # torch raises several types for non-checkpoint files
-        raise ValueError(_refusal(path, e)) from None
+        raise ValueError(refusal_message(path, e)) from None
     meta = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if META_KEY in obj:

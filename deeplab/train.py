@@ -25,7 +25,7 @@ from deeplab.data import IGNORE, DataError
 from deeplab.datasets import class_names
 from deeplab.files import atomic_path, file_hash, fingerprint, save_torch
 from deeplab.loader import Augment, DrawSampler, SegmentationDataset, worker_error
-from deeplab.models import build_model, freeze_bn, load_weights, weights_file
+from deeplab.models import build_model, freeze_bn, load_weights, refusal_message, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,10 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
                       dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
     start, rows = 0, []
     if checkpoint.exists():
-        ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
+        try:
+            ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
+        except Exception as e:  # checkpoints are written atomically: this is a foreign or damaged file
+            raise RunError(f"{refusal_message(checkpoint, e)}; delete it to train from the start") from None
         if ckpt.get("fingerprint") == key and int(ckpt["iteration"]) >= tcfg.iterations:
             # A checkpoint resumes an unfinished run; a finished one must not turn a forced rerun into a no-op.
             log.info("%s holds a finished run (iteration %d): training again from the start", checkpoint,

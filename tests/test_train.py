@@ -231,3 +231,12 @@ def test_final_weights_carry_the_model_config(tmp_path):
     assert state.keys() == build_model(4, (1, 1, 1, 1), 8).state_dict().keys()
     assert meta["n_blocks"] == (1, 1, 1, 1) and meta["class_names"][1] == "aeroplane"
     assert not torch.equal(state["base.aspp.c0.weight"], torch.load(tmp_path / "init.pt")["base.aspp.c0.weight"])
+
+
+def test_unreadable_checkpoint_is_named_without_torch_advice(tiny_setup):
+    tmp, d, m = tiny_setup
+    (tmp / "ck.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33)
+    with pytest.raises(RunError, match=r"ck\.pt: not a PyTorch weights file.*; delete it to train from the start") as e:
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "ck.pt", tmp / "a.csv")
+    assert "weights_only" not in str(e.value)
