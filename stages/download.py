@@ -9,7 +9,7 @@ from deeplab.tracking import stage_run
 def download(params: Path = Path("params.yaml"), out: Path = Path("data/raw")) -> None:
     """Fetch the dataset named in params (the synthetic default is generated) into OUT."""
     p = load_params(params)
-    with stage_run("download", p):
+    with stage_run("download", p, params):
         fetch_dataset(p.dataset, out)
 
 

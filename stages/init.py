@@ -19,7 +19,7 @@ def init(params: Path = Path("params.yaml"), lists: Path = Path("data/prepared")
     caffemodel (downloaded unless init.path names one), or a PyTorch checkpoint."""
     p = load_params(params)
     m, i = p.model, p.init
-    with stage_run("init", p) as mlflow:
+    with stage_run("init", p, params) as mlflow:
         model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
         if i.source == "scratch":
             init_from_scratch(model, i.seed)
