@@ -165,8 +165,8 @@ def test_stages_of_different_dvc_commands_have_different_parents(store):
     # did not: same commit, experiment and params, but two executions.
     fake = store / "bin" / "dvc"
     fake.parent.mkdir()
-    fake.write_text(f"import subprocess, sys\nsys.exit(subprocess.run([sys.executable, 'stage.py', *sys.argv[1:]])"
-                    f".returncode)\n")
+    fake.write_text("import subprocess, sys\nsys.exit(subprocess.run([sys.executable, 'stage.py', *sys.argv[1:]])"
+                    ".returncode)\n")
     for stage in ("download", "prepare"):
         res = subprocess.run([sys.executable, str(fake), stage, "ok"], cwd=store, env=_env(store),
                              capture_output=True, text=True, timeout=300)
