@@ -214,9 +214,8 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[Any]:
     mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id,
                      tags={**tags, **process, "deeplab.role": "stage", "deeplab.stage": stage,
                            "dvc.stage": os.environ.get("DVC_STAGE", stage)})
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     status = "FAILED"
     try:
         resolved = params.model_dump(mode="json")
@@ -230,8 +229,8 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[Any]:
         status = "KILLED"
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         mlflow.end_run(status)
         if status != "FINISHED":
             client.set_terminated(parent_id, status)

@@ -131,6 +131,15 @@ def test_run_of_a_live_stage_stays_running_and_sigterm_ends_it_killed(store):
     assert _status(store, other.data.tags["mlflow.parentRunId"]) == "FINISHED"
 
 
+def test_ctrl_c_ends_run_killed(store):
+    proc = _blocking(store, "crf")
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    (run,) = _stage_runs(store, "crf")
+    assert run.info.status == "KILLED"  # mlflow's own context manager would say FAILED
+    assert _status(store, run.data.tags["mlflow.parentRunId"]) == "KILLED"
+
+
 def test_exception_ends_run_and_parent_failed(store):
     res = _stage(store, "train", "fail")
     assert res.returncode == 1 and "the stage failed" in res.stderr
