@@ -54,8 +54,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# The MLflow 3 UI opens an experiment on this tag's kind: without it, it may guess "GenAI" and show the traces
-# overview; "custom_model_development" opens the runs table.
+# The experiment's kind as MLflow 3 records it: model training, not GenAI. (The 3.17 UI opens an experiment by its
+# own GenAI / Machine learning switch, GenAI unless changed, so the README points at the runs tab's URL.)
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
