@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import typer
 
 from deeplab.config import ParamsError
 from deeplab.data import DataError
+from deeplab.tracking import Terminated
 
 EXPECTED = (ParamsError, DataError, FileNotFoundError, ValueError, RuntimeError)
 
@@ -31,6 +33,11 @@ def command(fn: Callable[..., Any]) -> typer.Typer:
         except EXPECTED as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
+        except Terminated as e:
+            # The MLflow run is closed (KILLED); now end by the signal itself, as dvc or a shell expects.
+            signal.signal(e.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), e.signum)
+            raise SystemExit(128 + e.signum) from None
 
     return app
 

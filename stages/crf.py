@@ -25,7 +25,7 @@ def crf(params: Annotated[Path, typer.Option(help="Params file to read (dataset.
         = Path("data/crf_progress")) -> None:
     """Dense CRF over the saved logits of the validation split, in parallel, writing label maps."""
     p = load_params(params)
-    with stage_run("crf", p) as mlflow:
+    with stage_run("crf", p, params) as mlflow:
         items = read_list(lists / f"{p.dataset.val_split}.txt")
         h, w = read_image(items[0].image).shape[:2]
         n_jobs = choose_n_jobs(p.crf.n_jobs, p.dataset.n_classes, h, w)

@@ -15,7 +15,7 @@ def download(params: Annotated[Path, typer.Option(help="Params file to read (dat
              = Path("data/raw")) -> None:
     """Fetch the dataset named in params (the synthetic default is generated) into OUT."""
     p = load_params(params)
-    with stage_run("download", p):
+    with stage_run("download", p, params):
         fetch_dataset(p.dataset, out)
 
 

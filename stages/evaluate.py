@@ -60,7 +60,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         raise ValueError(f"kind: expected 'raw' or 'crf', got {kind!r}")
     p = load_params(params)
     d = p.dataset
-    with stage_run(f"evaluate@{kind}", p) as mlflow:
+    with stage_run(f"evaluate@{kind}", p, params) as mlflow:
         items = read_list(lists / f"{d.val_split}.txt")
         hist = accumulate(items, predictions / kind, d.n_classes, d.ignore_label)
         s = scores(hist)

@@ -58,7 +58,7 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             if conflicts(meta, mean_bgr=p.dataset.mean_bgr):
                 log.warning("init.path %s was trained with input mean %s, dataset.mean_bgr is %s", i.path,
                             show(meta["mean_bgr"]), show(p.dataset.mean_bgr))
-    with stage_run("init", p) as mlflow:
+    with stage_run("init", p, params) as mlflow:
         model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
         if i.source == "scratch":
             init_from_scratch(model, i.seed)

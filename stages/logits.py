@@ -30,7 +30,7 @@ def logits(params: Annotated[Path, typer.Option(help="Params file to read (datas
     """Multi-scale inference on the validation split: stride-8 float16 logits and raw label maps."""
     p = load_params(params)
     if p.logits.nproc_per_node > 1 and not under_torchrun():
-        with stage_run("logits", p) as mlflow:
+        with stage_run("logits", p, params) as mlflow:
             mlflow.set_tag("weights.final.md5", file_hash(weights))
             torchrun("stages.logits", sys.argv[1:], p.logits.nproc_per_node)
         return
@@ -54,7 +54,7 @@ def logits(params: Annotated[Path, typer.Option(help="Params file to read (datas
     if under_torchrun():  # one shard of the job launched above
         n = run()
     else:
-        with stage_run("logits", p) as mlflow:
+        with stage_run("logits", p, params) as mlflow:
             mlflow.set_tag("weights.final.md5", file_hash(weights))
             n = run()
     log.info("%d logits written to %s, raw predictions to %s", n, out, predictions)

@@ -18,7 +18,7 @@ def prepare(params: Annotated[Path, typer.Option(help="Params file to read (data
     """Write the train and validation file lists (and any pre-processing the dataset needs) into OUT."""
     p = load_params(params)
     d = p.dataset
-    with stage_run("prepare", p) as mlflow:
+    with stage_run("prepare", p, params) as mlflow:
         counts = datasets.prepare(d, Path(d.root) if d.root else raw, out)
         mlflow.log_metrics({f"n_{split}": n for split, n in counts.items()})
 

@@ -34,7 +34,7 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
     if under_torchrun():  # a worker of the job launched below
         run_training(p.dataset, p.model, t, train_list, init, out, checkpoint, log_csv)
         return
-    with stage_run("train", p) as mlflow:
+    with stage_run("train", p, params) as mlflow:
         if t.nproc_per_node * t.nnodes > 1:
             torchrun("stages.train", sys.argv[1:], t.nproc_per_node, t.nnodes, t.rdzv_endpoint)
             with open(log_csv, newline="") as f:

@@ -195,6 +195,25 @@ def test_run_page_renders_metrics(server, runs, project, tmp_path):
     assert run["info"]["run_id"] in dom and "evaluate@crf" in dom
 
 
+def test_experiment_runs_tab_shows_the_runs(server, runs, tmp_path):
+    # The README's way to the runs: the Runs tab's URL, or the Machine learning workflow. Plain
+    # #/experiments/<id> opens MLflow 3.17's GenAI overview whatever the experiment's kind tag says.
+    tags = {t["key"]: t["value"] for t in runs["experiment"]["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    exp_id = runs["experiment"]["experiment_id"]
+    assert "http://127.0.0.1:5000/#/experiments/1/runs" in readme and exp_id == "1"
+    parent = runs["pipelines"][0]["info"]["run_name"]
+    page = f"{server}/#/experiments/{exp_id}"
+    for url in (f"{page}/runs", f"{page}?workflowType=machine_learning"):
+        for _ in range(2):  # a slow render gets one more try
+            dom = _chromium(tmp_path, "--dump-dom", url).stdout
+            if parent in dom:
+                break
+        assert parent in dom, f"{url}: runs table not rendered; DOM tail:\n{dom[-3000:]}"
+        assert "No data available" not in dom
+
+
 def _specs(html: str) -> dict[str, dict]:
     """The vega-lite specs `dvc plots show` embeds, keyed by the div id (the plot file path, mangled)."""
     out = {}

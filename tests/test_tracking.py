@@ -1,0 +1,213 @@
+"""deeplab.tracking on a real SQLite store, read back with MlflowClient: run status when a stage fails or is
+killed, parent runs per pipeline execution, the experiment kind the MLflow UI opens on.
+
+Stages are real processes: a tiny typer command (deeplab.stage.command, as every stage) that loads a params
+file, enters stage_run and then succeeds, raises, or blocks until killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_env, tiny_params
+
+STAGE = textwrap.dedent("""
+    import time
+    from pathlib import Path
+
+    import typer
+
+    from deeplab.config import load_params
+    from deeplab.stage import command
+    from deeplab.tracking import stage_run
+
+
+    def main(stage: str, action: str, params: Path = Path("params.yaml")) -> None:
+        p = load_params(params)
+        with stage_run(stage, p, params):
+            if action == "fail":
+                raise ValueError("the stage failed")
+            if action == "block":
+                print("running", flush=True)
+                time.sleep(600)
+
+
+    command(main)()
+""")
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    """A folder with params.yaml, other.yaml (another lr), the stage script; MLflow's store is its mlflow.db."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(tiny_params(**{"train.lr": 5e-4})))
+    (tmp_path / "stage.py").write_text(STAGE)
+    return tmp_path
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = run_env(root)
+    env["PYTHONPATH"] = str(REPO)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    for name in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
+        env.pop(name, None)
+    return env
+
+
+def _stage(root: Path, stage: str, action: str = "ok", *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "stage.py", stage, action, *args], cwd=root, env=_env(root),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _blocking(root: Path, stage: str) -> subprocess.Popen:
+    """A stage process that has entered its run and sleeps."""
+    proc = subprocess.Popen([sys.executable, "stage.py", stage, "block"], cwd=root, env=_env(root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "running":
+        proc.kill()
+        raise AssertionError(f"stage did not start: {line!r}\n{proc.stderr.read()[-3000:]}")
+    return proc
+
+
+def _client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _runs(root: Path, role: str) -> list:
+    client = _client(root)
+    exp = client.get_experiment_by_name("deeplab")
+    runs = client.search_runs([exp.experiment_id], f"tags.`deeplab.role` = '{role}'",
+                              order_by=["attributes.start_time ASC"])
+    return runs
+
+
+def _stage_runs(root: Path, stage: str) -> list:
+    return [r for r in _runs(root, "stage") if r.data.tags["deeplab.stage"] == stage]
+
+
+def _status(root: Path, run_id: str) -> str:
+    return _client(root).get_run(run_id).info.status
+
+
+def test_sigkilled_stage_run_is_marked_killed_when_the_next_one_starts(store):
+    proc = _blocking(store, "train")
+    (run,) = _stage_runs(store, "train")
+    assert run.data.tags["deeplab.pid"] == str(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _status(store, run.info.run_id) == "RUNNING"  # nothing could say otherwise
+    res = _stage(store, "train")
+    assert res.returncode == 0, res.stderr[-3000:]
+    old, new = _stage_runs(store, "train")
+    assert old.info.run_id == run.info.run_id
+    assert (old.info.status, new.info.status) == ("KILLED", "FINISHED")
+    assert _status(store, old.data.tags["mlflow.parentRunId"]) == "KILLED"
+
+
+def test_run_of_a_live_stage_stays_running_and_sigterm_ends_it_killed(store):
+    proc = _blocking(store, "train")
+    try:
+        res = _stage(store, "train")  # a parallel run of the same stage (two `dvc exp run --temp`)
+        assert res.returncode == 0, res.stderr[-3000:]
+        live, other = _stage_runs(store, "train")
+        assert (live.info.status, other.info.status) == ("RUNNING", "FINISHED")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGTERM  # it still dies of the signal, as dvc expects
+    assert _status(store, live.info.run_id) == "KILLED"
+    assert _status(store, live.data.tags["mlflow.parentRunId"]) == "KILLED"
+    assert _status(store, other.data.tags["mlflow.parentRunId"]) == "FINISHED"
+
+
+def test_ctrl_c_ends_run_killed(store):
+    proc = _blocking(store, "crf")
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    (run,) = _stage_runs(store, "crf")
+    assert run.info.status == "KILLED"  # mlflow's own context manager would say FAILED
+    assert _status(store, run.data.tags["mlflow.parentRunId"]) == "KILLED"
+
+
+def test_exception_ends_run_and_parent_failed(store):
+    res = _stage(store, "train", "fail")
+    assert res.returncode == 1 and "the stage failed" in res.stderr
+    (run,) = _stage_runs(store, "train")
+    assert run.info.status == "FAILED"
+    assert _status(store, run.data.tags["mlflow.parentRunId"]) == "FAILED"
+
+
+def test_each_params_file_has_its_own_parent(store):
+    assert _stage(store, "download", "ok", "--params", "other.yaml").returncode == 0
+    assert _stage(store, "prepare").returncode == 0
+    (download,), (prepare,) = _stage_runs(store, "download"), _stage_runs(store, "prepare")
+    assert download.data.tags["mlflow.parentRunId"] != prepare.data.tags["mlflow.parentRunId"]
+    assert (download.data.tags["deeplab.params_file"], prepare.data.tags["deeplab.params_file"]) == (
+        "other.yaml", "params.yaml")
+    assert download.data.tags["deeplab.pipeline"] != prepare.data.tags["deeplab.pipeline"]
+
+
+def test_parent_groups_one_execution_and_a_repeated_stage_starts_another(store):
+    for stage in ("train", "logits", "train"):
+        res = _stage(store, stage)
+        assert res.returncode == 0, res.stderr[-3000:]
+    first, second = _stage_runs(store, "train")
+    (logits,) = _stage_runs(store, "logits")
+    assert logits.data.tags["mlflow.parentRunId"] == first.data.tags["mlflow.parentRunId"]
+    assert second.data.tags["mlflow.parentRunId"] != first.data.tags["mlflow.parentRunId"]
+    assert len(_runs(store, "pipeline")) == 2
+
+
+def test_stages_of_different_dvc_commands_have_different_parents(store):
+    # Two `dvc repro` (stand-ins named dvc, as the real one: python .../bin/dvc) each run a stage the other
+    # did not: same commit, experiment and params, but two executions.
+    fake = store / "bin" / "dvc"
+    fake.parent.mkdir()
+    fake.write_text("import subprocess, sys\nsys.exit(subprocess.run([sys.executable, 'stage.py', *sys.argv[1:]])"
+                    ".returncode)\n")
+    for stage in ("download", "prepare"):
+        res = subprocess.run([sys.executable, str(fake), stage, "ok"], cwd=store, env=_env(store),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    (download,), (prepare,) = _stage_runs(store, "download"), _stage_runs(store, "prepare")
+    assert download.data.tags["deeplab.pipeline"] == prepare.data.tags["deeplab.pipeline"]
+    assert download.data.tags["mlflow.parentRunId"] != prepare.data.tags["mlflow.parentRunId"]
+    assert download.data.tags["deeplab.dvc_process"].split(":")[1] != prepare.data.tags["deeplab.dvc_process"].split(
+        ":")[1]
+
+
+def test_experiment_opens_as_model_training(store):
+    client = _client(store)
+    client.create_experiment("deeplab")  # made by an older version, without the kind
+    assert "mlflow.experimentKind" not in client.get_experiment_by_name("deeplab").tags
+    assert _stage(store, "download").returncode == 0
+    assert client.get_experiment_by_name("deeplab").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_new_experiment_has_the_kind(store):
+    assert _stage(store, "download").returncode == 0
+    assert _client(store).get_experiment_by_name("deeplab").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_process_start_tells_live_from_gone():
+    from deeplab.tracking import process_start
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc")
+    assert process_start(os.getpid()) == process_start(os.getpid()) is not None
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = process_start(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert process_start(proc.pid) is None and start is not None
