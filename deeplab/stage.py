@@ -22,7 +22,8 @@ EXPECTED = (ParamsError, DataError, FileNotFoundError, ValueError, RuntimeError)
 
 def command(fn: Callable[..., Any]) -> typer.Typer:
     """Wrap a stage function as a typer app whose known errors exit 1 with a message, not a traceback."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    # Plain click help: typer's rich panels print a <bool> placeholder after flags, as if they took a value.
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
     @app.command(help=fn.__doc__)
     @functools.wraps(fn)

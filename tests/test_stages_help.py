@@ -29,3 +29,10 @@ def test_every_stage_option_has_help(name):
     for option, text in rows.items():
         assert text and not text.startswith("["), f"stages.{name} {option} has no help: {text!r}"
     assert rows["--params"].startswith("Params file to read")
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_help_shows_no_value_placeholder_after_flags(name):
+    result = CliRunner().invoke(importlib.import_module(f"stages.{name}").app, ["--help"],
+                                env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert "<bool>" not in result.output and "--help" in result.output
