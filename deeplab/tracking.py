@@ -85,11 +85,21 @@ def dvc_stage_params(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]
     return [p for p in spec.get("params", []) if isinstance(p, str)] or None
 
 
+class Untracked:
+    """Stands in for the mlflow module under DEEPLAB_TRACKING=off: every logging call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Any) -> Iterator[Any]:
     """Start the MLflow child run of ``stage`` under this pipeline execution's parent run. Logs as run params
     the params the stage lists in dvc.yaml (all of them outside a DVC project), and the whole resolved
     config as an artifact. Yields the ``mlflow`` module with the run active."""
+    if os.environ.get("DEEPLAB_TRACKING") == "off":  # a machine without MLflow (bench/device.sh on a bare GPU)
+        yield Untracked()
+        return
     import mlflow
     from mlflow.tracking import MlflowClient
 
