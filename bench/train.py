@@ -155,6 +155,9 @@ def main() -> None:
                       "tail_rel_diff": round(abs(mean - mean_ref) / max(mean_ref, 1e-8), 4),
                       "max_step_rel_diff": round(max(steps), 4)}
     loss["reference_tail_mean"] = round(mean_ref, 4)
+    # the reference's own step-to-step spread over the tail: what "within noise" is measured against
+    spread = (sum((x - mean_ref) ** 2 for x in ref[-tail:]) / tail) ** 0.5
+    loss["reference_tail_rel_std"] = round(spread / max(mean_ref, 1e-8), 4)
     out = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__,
         "size": args.size, "batch": args.batch, "iter_size": args.iter_size, "width": args.width,
