@@ -91,6 +91,7 @@ def main() -> None:
     out["loss_finite"] = all(math.isfinite(x) for x in losses)
     out["written"] = {d: len(list((work / "data" / d).glob("*"))) for d in ("logits", "predictions/raw",
                                                                           "predictions/crf")}
+    out["mlflow_db"] = (work / "mlflow.db").exists()  # DEEPLAB_TRACKING=off: nothing logged
     out["status"] = "ok" if out["loss_finite"] else "failed"
     print(json.dumps(out))
 
