@@ -143,6 +143,8 @@ def summary(results: Path) -> None:
     print(f"\n{'step':<16}{'status':<10}{'wall s':>8}")
     for name, row in rows.items():
         print(f"{name:<16}{row.get('status', '?'):<10}{row.get('wall_s', ''):>8}  {row.get('note', '')}")
+    if get("env", "quick"):
+        print("\n--quick: toy sizes on CPU; the figures below only show that every step ran")
     print(f"\n{'goal':<44}{'measured':>12}  target")
     for name, value, target in goals:
         shown = "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
