@@ -73,6 +73,7 @@ def profile(step: Callable[[int], object], n: int, device: torch.device) -> dict
     launch gaps, host work and data loading) and the costliest kernels (ops on CPU), per step."""
     import time
 
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -93,7 +94,10 @@ def profile(step: Callable[[int], object], n: int, device: torch.device) -> dict
     def self_time(e) -> float:
         return getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
 
-    busy = sum(self_time(e) for e in events)  # microseconds; on CPU the sum of all ops' own time
+    # Busy time from the device's own events (kernels, copies) alone: an op's self device time is its kernels'
+    # time again. On CPU, the ops' own time. Microseconds.
+    own = [e for e in events if e.device_type == (DeviceType.CUDA if cuda else DeviceType.CPU)]
+    busy = sum(self_time(e) for e in own)
     shares: dict[str, float] = defaultdict(float)
     for e in events:
         name = e.key
@@ -102,7 +106,7 @@ def profile(step: Callable[[int], object], n: int, device: torch.device) -> dict
             cat = "optimizer"
         if cat:
             shares[cat] += total(e)
-    top = sorted(events, key=self_time, reverse=True)[:8]  # kernels on CUDA, ops on CPU
+    top = sorted(own, key=self_time, reverse=True)[:8]  # kernels on CUDA, ops on CPU
     return {
         "steps": n,
         "busy_share_of_wall": round(busy / 1e6 / wall, 3) if busy else None,
