@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup repro test lint lock mlflow-ui clean browser
+.PHONY: setup repro test lint lock mlflow-ui clean browser wheels
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ lock: setup
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The packages bench/device.sh needs on the GPU machine (no network there), listed in bench/device-wheels.txt.
+wheels:
+	bash bench/fetch-wheels.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

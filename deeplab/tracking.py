@@ -186,6 +186,13 @@ def _parent_run(client: Any, exp_id: str, stage: str, tags: dict[str, str]) -> s
     return parent.info.run_id
 
 
+class Untracked:
+    """Stands in for the mlflow module under DEEPLAB_TRACKING=off: every logging call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[Any]:
     """Start the MLflow child run of ``stage`` under this pipeline execution's parent run, keyed by git commit,
@@ -196,6 +203,9 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[Any]:
     The run ends FINISHED, FAILED on an exception, KILLED on SIGINT or SIGTERM (raised here as
     KeyboardInterrupt / Terminated); a failed or killed stage ends its parent the same way. A stage killed
     outright (SIGKILL) is ended KILLED by the next stage run that starts on the same host."""
+    if os.environ.get("DEEPLAB_TRACKING") == "off":  # a machine without MLflow (bench/device.sh on a bare GPU)
+        yield Untracked()
+        return
     import mlflow
     from mlflow.tracking import MlflowClient
 
