@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	dvc repro
 
+# One xdist worker per core; the tests sharing conftest's tiny_pipeline form one xdist_group (one worker).
 test: setup
 	ruff check .
-	pytest
+	pytest -n auto --dist loadgroup
 
 lint: setup
 	ruff check .
@@ -37,7 +38,8 @@ mlflow-ui: setup
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# Headless Chromium for tests/test_ui.py (MLflow UI and `dvc plots show` pages); skipped when absent.
+# Headless Chromium for tests/test_ui.py (MLflow UI and `dvc plots show` pages); skipped when absent, except
+# in CI (CI=true), where its absence fails the tests.
 browser:
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version)"; else \
 	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
