@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
 from PIL import Image
 from tqdm import tqdm
 
@@ -186,6 +185,8 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         if cfg.name == "cocostuff10k":
             if cfg.warp_size is None:
                 raise DataError("dataset.warp_size: COCO-Stuff 10k needs a warp size (513 in the reference)")
+            from joblib import Parallel, delayed  # only this warp runs in parallel
+
             jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
             items = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
                               desc=f"warp {split}", unit="img"))
