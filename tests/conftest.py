@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -110,7 +113,24 @@ def run_stages(root: Path, *names: str) -> subprocess.CompletedProcess:
     unknown = set(names) - {name for name, _ in stages}
     assert not unknown, f"no such stages in dvc.yaml: {sorted(unknown)}"
     args = [part for stage in stages if not names or stage[0] in names for part in stage]
-    return sh(root, sys.executable, "-c", _STAGE_DRIVER, *args)
+    cmd = [sys.executable, "-c", _STAGE_DRIVER, *args]
+    # Output to files, not pipes, and the process group killed after: a driver that dies midway (a signal)
+    # leaves joblib's loky workers behind, holding inherited pipes open until their 300 s idle timeout.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=root, env=run_env(root), stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+    if code != 0:
+        raise AssertionError(f"stages {[n for n, _ in stages if not names or n in names]} failed ({code}):\n"
+                             f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
 
 
 ALL_STAGES = frozenset({"download", "prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"})
