@@ -176,8 +176,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # With `--dist loadgroup` (pyproject addopts) the tests of one xdist_group run on one worker, in order.
+    # With `--dist loadgroup` (the Makefile's) the tests of one xdist_group run on one worker, in order.
     for item in items:
         if "tiny_pipeline" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("tiny_pipeline"))
