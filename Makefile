@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	dvc repro
 
-# One xdist worker per core; the tests sharing conftest's tiny_pipeline form one xdist_group (one worker).
+# One pytest-xdist worker per core.
 test: setup
 	ruff check .
-	pytest -n auto --dist loadgroup
+	pytest -n auto
 
 lint: setup
 	ruff check .

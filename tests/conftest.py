@@ -161,27 +161,15 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     that only reads its outputs, DVC metadata or MLflow store. A test that changes anything (params, a rerun,
     an experiment, a remote) works on ``copy_project(tiny_pipeline, tmp_path / "repo")`` instead.
 
-    Its users run on one xdist worker (see pytest_collection_modifyitems), so it is built once and no two DVC
-    commands contend for its lock."""
+    Under pytest-xdist each worker builds its own (at most one per worker), so no two workers' DVC commands
+    contend for one repository's lock. (xdist's loadgroup, which could keep them on one worker, does not
+    group anything under pytest 9: it renames item._nodeid, which pytest 9 no longer reads.)"""
     root = make_project(tmp_path_factory.mktemp("tiny-pipeline") / "repo", tiny_params())
     res = sh(root, "dvc", "repro")
     assert set(stages_run(res.stdout)) == ALL_STAGES, res.stdout[-3000:]
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "ran the pipeline")
     return root
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):  # xdist registers it; a run without xdist ignores it
-        config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # With `--dist loadgroup` (the Makefile's) the tests of one xdist_group run on one worker, in order.
-    for item in items:
-        if "tiny_pipeline" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny_pipeline"))
 
 
 def in_ci() -> bool:
