@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	dvc repro
 
+# One pytest-xdist worker per core.
 test: setup
 	ruff check .
-	pytest
+	pytest -n auto
 
 lint: setup
 	ruff check .
@@ -41,7 +42,8 @@ wheels:
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# Headless Chromium for tests/test_ui.py (MLflow UI and `dvc plots show` pages); skipped when absent.
+# Headless Chromium for tests/test_ui.py (MLflow UI and `dvc plots show` pages); skipped when absent, except
+# in CI (CI=true), where its absence fails the tests.
 browser:
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version)"; else \
 	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \

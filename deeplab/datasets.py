@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
 from PIL import Image
 from tqdm import tqdm
 
@@ -210,12 +209,16 @@ def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n
     """Every pair checked once, in parallel (with a progress bar); returns the problems found."""
     size = max(1, min(256, -(-len(items) // 16)))
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
-    jobs = (delayed(_problems)(c, n_classes, ignore) for c in chunks)
+    if len(items) > 1000:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_problems)(c, n_classes, ignore) for c in chunks)
+    else:  # a few hundred small pairs are quicker in this process than starting workers
+        results = (_problems(c, n_classes, ignore) for c in chunks)
     bad: list[str] = []
     with tqdm(total=len(items), desc=f"check {what}", unit="pair") as bar:
-        # A few hundred small pairs are quicker in this process than starting workers.
-        runner = Parallel(n_jobs=n_jobs if len(items) > 1000 else 1, return_as="generator")
-        for chunk, found in zip(chunks, runner(jobs), strict=True):
+        for chunk, found in zip(chunks, results, strict=True):
             bad += found
             bar.update(len(chunk))
     return bad
@@ -239,6 +242,8 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         if cfg.name == "cocostuff10k":
             if cfg.warp_size is None:
                 raise DataError("dataset.warp_size: COCO-Stuff 10k needs a warp size (513 in the reference)")
+            from joblib import Parallel, delayed  # only this warp runs in parallel
+
             jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
             items = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
                               desc=f"warp {split}", unit="img"))

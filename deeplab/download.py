@@ -19,7 +19,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import requests
 from tqdm import tqdm
 
 from deeplab import synthetic
@@ -93,6 +92,8 @@ def verify(path: Path, url: str, expected: dict[str, object], name: str | None =
 def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0,
           desc: str | None = None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range."""
+    import requests  # here: the synthetic default and local datasets never download
+
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -72,8 +76,116 @@ def stages_run(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
+def pipeline_commands(root: Path) -> list[tuple[str, str]]:
+    """(stage name, command) for every stage of root's dvc.yaml, foreach expanded, in file order (which
+    dvc.yaml keeps topological: each stage after the stages it depends on)."""
+    out = []
+    for name, spec in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" in spec:
+            out += [(f"{name}@{item}", spec["do"]["cmd"].replace("${item}", str(item))) for item in spec["foreach"]]
+        else:
+            out.append((name, spec["cmd"]))
+    return out
+
+
+# Runs `python -m <stage> <args>` commands one after another in this one process, as their __main__.
+_STAGE_DRIVER = """
+import runpy, sys
+for name, cmd in zip(sys.argv[1::2], sys.argv[2::2]):
+    python, dash_m, module, *args = cmd.split()
+    assert (python, dash_m) == ("python", "-m"), cmd
+    print(f"Running stage '{name}':", flush=True)
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            sys.exit(f"stage {name} failed: {e.code}")
+"""
+
+
+def run_stages(root: Path, *names: str) -> subprocess.CompletedProcess:
+    """Run the stages of root's dvc.yaml (only ``names`` if given) in order, in ONE Python process: for tests
+    where the stages' work is under test and DVC is not (tests/test_pipeline.py tests `dvc repro` itself).
+    Each stage otherwise pays its own interpreter, torch and MLflow start-up. Prints DVC's
+    "Running stage '<name>':" lines."""
+    stages = pipeline_commands(root)
+    unknown = set(names) - {name for name, _ in stages}
+    assert not unknown, f"no such stages in dvc.yaml: {sorted(unknown)}"
+    args = [part for stage in stages if not names or stage[0] in names for part in stage]
+    cmd = [sys.executable, "-c", _STAGE_DRIVER, *args]
+    # Output to files, not pipes, and the process group killed after: a driver that dies midway (a signal)
+    # leaves joblib's loky workers behind, holding inherited pipes open until their 300 s idle timeout.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=root, env=run_env(root), stdout=out, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+    if code != 0:
+        raise AssertionError(f"stages {[n for n, _ in stages if not names or n in names]} failed ({code}):\n"
+                             f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+ALL_STAGES = frozenset({"download", "prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"})
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A self-contained copy of a project that has run: git repository, DVC cache and outputs, MLflow store.
+
+    DVC's per-checkout state (.dvc/tmp, the site cache) stays behind: DVC rebuilds it. The MLflow store records
+    absolute artifact locations (deeplab/tracking.py puts them beside the database), so they are moved to the
+    copy's own mlartifacts folder: runs logged in the copy never write into ``src``."""
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if (Path(d) / n) in
+                                                        (src / ".site-cache", src / ".dvc" / "tmp")])
+    db = dst / "mlflow.db"
+    if db.exists():
+        old, new = (src / "mlartifacts").as_uri(), (dst / "mlartifacts").as_uri()
+        con = sqlite3.connect(db)
+        with con:
+            con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+            con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        con.close()
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `dvc repro` of ``tiny_params()``, committed, built once per test run and shared by every test
+    that only reads its outputs, DVC metadata or MLflow store. A test that changes anything (params, a rerun,
+    an experiment, a remote) works on ``copy_project(tiny_pipeline, tmp_path / "repo")`` instead.
+
+    Under pytest-xdist each worker builds its own (at most one per worker), so no two workers' DVC commands
+    contend for one repository's lock. (xdist's loadgroup, which could keep them on one worker, does not
+    group anything under pytest 9: it renames item._nodeid, which pytest 9 no longer reads.)"""
+    root = make_project(tmp_path_factory.mktemp("tiny-pipeline") / "repo", tiny_params())
+    res = sh(root, "dvc", "repro")
+    assert set(stages_run(res.stdout)) == ALL_STAGES, res.stdout[-3000:]
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-q", "-m", "ran the pipeline")
+    return root
+
+
+def in_ci() -> bool:
+    """CI (.ci/run runs with CI=true) has every fixture and tool installed: a missing one is a failure there."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip where a developer may lack ``reason``'s fixture or tool; fail in CI, where a skip would hide it."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: CI must run this test)")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def voc_fixtures() -> Path:
     if not VOC_FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {VOC_FIXTURES}")
+        skip_or_fail(f"shared fixtures not found at {VOC_FIXTURES}")
     return VOC_FIXTURES

@@ -31,7 +31,7 @@ from deeplab.caffe import (
 )
 from deeplab.cli import app
 from deeplab.models import build_model, load_weights
-from tests.conftest import PROTOTXT
+from tests.conftest import PROTOTXT, skip_or_fail
 
 EPS = 1e-5
 
@@ -158,7 +158,7 @@ def deeplab_spec(n_blocks: tuple[int, ...], width: int, n_classes: int) -> list[
 @pytest.fixture(scope="module")
 def real_spec() -> list[Spec]:
     if not PROTOTXT.is_file():
-        pytest.skip(f"DeepLab v2 deploy.prototxt fixture not found at {PROTOTXT}")
+        skip_or_fail(f"DeepLab v2 deploy.prototxt fixture not found at {PROTOTXT}")
     return spec_from_prototxt(PROTOTXT)
 
 
@@ -578,8 +578,7 @@ def test_foreign_and_unknown_fields_are_skipped(tmp_path):
 def test_protobuf_library_agrees_with_reader_and_writer(tmp_path):
     """The reader and writer against Google's protobuf implementation of the same schema subset, with
     packed and non-packed repeated fields, V1 layers and foreign fields."""
-    pytest.importorskip("google.protobuf")
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # installed with mlflow
 
     FD = descriptor_pb2.FieldDescriptorProto
     opt, rep = FD.LABEL_OPTIONAL, FD.LABEL_REPEATED

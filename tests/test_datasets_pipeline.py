@@ -1,10 +1,13 @@
-"""`dvc repro` through to metrics on each real dataset's fixture archives, downloaded from loopback."""
+"""Every stage of dvc.yaml through to metrics on each real dataset's fixture archives, downloaded from loopback.
+
+The stages run in one process (conftest.run_stages): what is under test is each dataset's way through the
+stages' code; DVC's part, the same for every dataset, is tests/test_pipeline.py's."""
 
 import json
 
 import pytest
 
-from tests.conftest import make_project, sh, stages_run, tiny_params
+from tests.conftest import make_project, run_stages, stages_run, tiny_params
 from tests.official_layouts import ArchiveServer, cocostuff10k_archive, cocostuff164k_archives, md5, voc_archives
 
 CASES = {
@@ -16,7 +19,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_dvc_repro_on_fixture_dataset(tmp_path, name):
+def test_pipeline_on_fixture_dataset(tmp_path, name):
     build, dataset, n_val = CASES[name]
     files = build()
     with ArchiveServer() as server:
@@ -28,7 +31,7 @@ def test_dvc_repro_on_fixture_dataset(tmp_path, name):
             "checksums": {f: {"md5": md5(data)} for f, data in files.items()}, **dataset}
         params["train"]["iterations"] = 4
         root = make_project(tmp_path / "repo", params)
-        res = sh(root, "dvc", "repro")
+        res = run_stages(root)
     assert "crf" in stages_run(res.stdout)
     assert sorted(p.name for p in (root / "data" / "downloads").iterdir() if p.suffix != ".json") == sorted(files)
     for kind in ("raw", "crf"):

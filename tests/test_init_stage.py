@@ -8,7 +8,7 @@ import yaml
 
 from deeplab.caffe import write_caffemodel
 from deeplab.models import build_model, read_state_dict
-from tests.conftest import make_project, sh, tiny_params
+from tests.conftest import make_project, run_stages, sh, tiny_params
 from tests.official_layouts import ArchiveServer, md5
 from tests.test_caffe import small_layers
 
@@ -30,8 +30,7 @@ def test_init_downloads_and_converts_caffemodel(tmp_path):
         server.files["prototxt_and_model.zip"] = data
         params["init"].update(source="caffemodel", base_url=server.url, checksums={"md5": md5(data)})
         root = make_project(tmp_path / "repo", params)
-        sh(root, "dvc", "repro", "prepare")
-        res = sh(root, "python", "-m", "stages.init")
+        res = run_stages(root, "download", "prepare", "init")  # in one process: DVC is not under test here
         assert len(server.log) == 1
     state = torch.load(root / "data/models/init.pt", weights_only=True)
     conv1 = next(la for la in layers if la.name == "conv1")

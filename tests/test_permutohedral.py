@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+import skimage.data as skdata  # the dev extra installs it
+import skimage.transform as sktransform
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +18,6 @@ from deeplab.permutohedral import (
     mean_field,
     simplex,
 )
-
-skdata = pytest.importorskip("skimage.data")
-sktransform = pytest.importorskip("skimage.transform")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,7 @@
-"""End to end: the real `dvc repro` on a tiny preset in a temporary git repository."""
+"""End to end: the real `dvc repro` on a tiny preset in a temporary git repository.
+
+The tests that only read the run use conftest's shared ``tiny_pipeline``; those that change params or rerun
+stages work on a private copy of it (``project``), so each starts from the same committed run."""
 
 import json
 
@@ -6,22 +9,17 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_project, sh, stages_run, tiny_params
-
-ALL_STAGES = {"download", "prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"}
+from tests.conftest import ALL_STAGES, copy_project, make_project, sh, stages_run, tiny_params
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("pipeline") / "repo", tiny_params())
-    res = sh(root, "dvc", "repro")
-    assert set(stages_run(res.stdout)) == ALL_STAGES
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-q", "-m", "ran the pipeline")
-    return root
+@pytest.fixture
+def project(tiny_pipeline, tmp_path):
+    """This test's own copy of the shared run (committed, up to date), free to change."""
+    return copy_project(tiny_pipeline, tmp_path / "repo")
 
 
-def test_outputs_and_metrics(project):
+def test_outputs_and_metrics(tiny_pipeline):
+    project = tiny_pipeline
     p = tiny_params()
     n_classes = p["dataset"]["n_classes"]
     logits = sorted((project / "data" / "logits").glob("*.npy"))
@@ -44,11 +42,12 @@ def test_outputs_and_metrics(project):
     assert "metrics/crf/scores.json" in json.dumps(shown)
 
 
-def test_noop_repro_runs_nothing(project):
-    assert stages_run(sh(project, "dvc", "repro").stdout) == []
+def test_noop_repro_runs_nothing(tiny_pipeline):
+    assert stages_run(sh(tiny_pipeline, "dvc", "repro").stdout) == []
 
 
-def test_mlflow_store_has_linked_runs(project):
+def test_mlflow_store_has_linked_runs(tiny_pipeline):
+    project = tiny_pipeline
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
@@ -80,30 +79,22 @@ def test_crf_param_change_reruns_only_crf_and_evaluate(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["crf"]["iterations"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        res = sh(project, "dvc", "repro")
-        assert sorted(stages_run(res.stdout)) == ["crf", "evaluate@crf"]
-        diff = sh(project, "dvc", "params", "diff", "--json").stdout
-        change = json.loads(diff)["params.yaml"]["crf.iterations"]
-        assert (change["old"], change["new"]) == (10, 3)
-        metrics = json.loads(sh(project, "dvc", "metrics", "diff", "--all", "--json").stdout)
-        assert "mean_iou" in metrics["metrics/crf/scores.json"]
-    finally:
-        sh(project, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics")
-        sh(project, "dvc", "checkout", "-q")
+    res = sh(project, "dvc", "repro")
+    assert sorted(stages_run(res.stdout)) == ["crf", "evaluate@crf"]
+    diff = sh(project, "dvc", "params", "diff", "--json").stdout
+    change = json.loads(diff)["params.yaml"]["crf.iterations"]
+    assert (change["old"], change["new"]) == (10, 3)
+    metrics = json.loads(sh(project, "dvc", "metrics", "diff", "--all", "--json").stdout)
+    assert "mean_iou" in metrics["metrics/crf/scores.json"]
 
 
 def test_train_param_change_does_not_rerun_data_stages(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["iterations"] = 30
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        ran = set(stages_run(sh(project, "dvc", "repro").stdout))
-        # init also reads train.crop_size (BN calibration crops), nothing else of train
-        assert ran == {"train", "logits", "crf", "evaluate@raw", "evaluate@crf"}
-    finally:
-        sh(project, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics")
-        sh(project, "dvc", "checkout", "-q")
+    ran = set(stages_run(sh(project, "dvc", "repro").stdout))
+    # init also reads train.crop_size (BN calibration crops), nothing else of train
+    assert ran == {"train", "logits", "crf", "evaluate@raw", "evaluate@crf"}
 
 
 def test_exp_run_temp_logs_into_main_store(project):
@@ -141,16 +132,12 @@ def test_logits_sharded_over_two_processes_match(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["logits"]["nproc_per_node"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        res = sh(project, "dvc", "repro")
-        # torchrun workers run one thread each, so float sums may differ in the last bit and DVC may see new
-        # logits; the values must still match to float16 precision, for every image.
-        assert stages_run(res.stdout)[0] == "logits" and "torch.distributed.run" in res.stderr
-        after = {p.name: np.load(p) for p in (project / "data" / "logits").glob("*.npy")}
-        assert after.keys() == before.keys()
-        for k in before:
-            np.testing.assert_allclose(after[k].astype(np.float32), before[k].astype(np.float32), rtol=2e-3,
-                                       atol=2e-3)
-    finally:
-        sh(project, "git", "checkout", "--", "params.yaml", "dvc.lock", "metrics")
-        sh(project, "dvc", "checkout", "-q")
+    res = sh(project, "dvc", "repro")
+    # torchrun workers run one thread each, so float sums may differ in the last bit and DVC may see new
+    # logits; the values must still match to float16 precision, for every image.
+    assert stages_run(res.stdout)[0] == "logits" and "torch.distributed.run" in res.stderr
+    after = {p.name: np.load(p) for p in (project / "data" / "logits").glob("*.npy")}
+    assert after.keys() == before.keys()
+    for k in before:
+        np.testing.assert_allclose(after[k].astype(np.float32), before[k].astype(np.float32), rtol=2e-3,
+                                   atol=2e-3)

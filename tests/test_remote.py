@@ -16,18 +16,14 @@ import pytest
 import yaml
 
 from deeplab.files import file_hash
-from tests.conftest import make_project, sh, stages_run, tiny_params
-
-STAGES = {"download", "prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"}
+from tests.conftest import ALL_STAGES as STAGES
+from tests.conftest import copy_project, sh, stages_run
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(tiny_pipeline, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("remote")
-    origin = make_project(tmp / "origin", tiny_params())
-    assert set(stages_run(sh(origin, "dvc", "repro").stdout)) == STAGES
-    sh(origin, "git", "add", "-A")
-    sh(origin, "git", "commit", "-q", "-m", "ran the pipeline")
+    origin = copy_project(tiny_pipeline, tmp / "origin")  # the shared run, committed; the remote is ours alone
     sh(origin, "dvc", "remote", "add", "-d", "store", str(tmp / "remote"))
     sh(origin, "git", "commit", "-q", "-am", "dvc remote")
     push = sh(origin, "dvc", "push")

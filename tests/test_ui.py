@@ -23,19 +23,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_project, run_env, sh, stages_run, tiny_params
+from tests.conftest import ALL_STAGES as STAGES
+from tests.conftest import run_env, sh, skip_or_fail, tiny_params
 
 CHROMIUM = Path("/usr/bin/chromium")
-STAGES = {"download", "prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"}
 HEALTH_TIMEOUT_S = 120  # 4-18 s on an idle 2-core machine; much more while other jobs load it
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("ui") / "repo", tiny_params())
-    res = sh(root, "dvc", "repro")
-    assert set(stages_run(res.stdout)) == STAGES
-    return root
+def project(tiny_pipeline) -> Path:
+    """The shared tiny run (conftest): these tests only read its outputs and MLflow store."""
+    return tiny_pipeline
 
 
 def _free_port() -> int:
@@ -154,10 +152,8 @@ def test_rest_artifacts_list_and_download(server, runs, project):
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):  # .ci/run installs it (`make browser`): a CI run must not skip silently
-            pytest.fail(f"{CHROMIUM} not found in CI: run `make browser` first")
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium with `make browser` to run the UI checks")
+    if not CHROMIUM.exists():  # .ci/run installs it (`make browser`): in CI its absence fails
+        skip_or_fail(f"{CHROMIUM} not found: install Debian's chromium with `make browser` to run the UI checks")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--disable-default-apps", "--disable-extensions", "--disable-dev-shm-usage", "--mute-audio",
@@ -262,7 +258,7 @@ def test_chromium_missing_skips_with_hint(monkeypatch, tmp_path):
 
 def test_make_browser_target_is_wired_into_ci():
     if not shutil.which("make"):
-        pytest.skip("make not installed")
+        skip_or_fail("make not installed")
     repo = Path(__file__).resolve().parents[1]
     dry = subprocess.run(["make", "-n", "browser"], cwd=repo, capture_output=True, text=True)
     assert dry.returncode == 0 and "apt-get install -y -qq chromium" in dry.stdout
