@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_project, run_env, sh, stages_run, tiny_params
+from tests.conftest import copy_project, run_env, sh, stages_run
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("faults") / "repo", tiny_params(**{"crf.n_jobs": 1}))
-    sh(root, "dvc", "repro")
-    return root
+@pytest.fixture
+def project(tiny_pipeline, tmp_path):
+    return copy_project(tiny_pipeline, tmp_path / "repo")
 
 
 def cache_object(root, md5: str):
