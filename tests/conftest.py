@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -8,6 +9,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -155,21 +158,65 @@ def copy_project(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _build_tiny_pipeline(built: Path, locked: Callable[[], None] = lambda: None) -> None:
+    """Build the shared run at ``built`` unless it is there; under an exclusive lock beside it (``locked`` is
+    called once it is held)."""
+    with open(built.parent.parent / "tiny-pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        locked()
+        if (built.parent / "done").exists():
+            return
+        shutil.rmtree(built.parent, ignore_errors=True)
+        make_project(built, tiny_params())
+        res = sh(built, "dvc", "repro")
+        assert set(stages_run(res.stdout)) == ALL_STAGES, res.stdout[-3000:]
+        sh(built, "git", "add", "-A")
+        sh(built, "git", "commit", "-q", "-m", "ran the pipeline")
+        (built.parent / "done").touch()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist the controller, otherwise idle, builds the shared run in the background while the
+    workers run the tests that do not need it (those that do are collected last, below)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(session.config.option, "numprocesses", None):
+        return
+    built = session.config._tmp_path_factory.getbasetemp() / "tiny-pipeline-built" / "repo"
+    started = threading.Event()
+
+    def build() -> None:
+        try:
+            _build_tiny_pipeline(built, started.set)
+        except Exception:  # the first worker that needs it builds it again and shows the failure
+            pass
+        finally:
+            started.set()
+
+    threading.Thread(target=build, daemon=True).start()
+    started.wait()  # the lock is held before any worker starts
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that read the shared run last, so it is built meanwhile; a stable sort keeps every xdist worker's
+    # collection in the same order.
+    items.sort(key=lambda item: "tiny_pipeline" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real `dvc repro` of ``tiny_params()``, committed, built once per test run and shared by every test
     that only reads its outputs, DVC metadata or MLflow store. A test that changes anything (params, a rerun,
     an experiment, a remote) works on ``copy_project(tiny_pipeline, tmp_path / "repo")`` instead.
 
-    Under pytest-xdist each worker builds its own (at most one per worker), so no two workers' DVC commands
-    contend for one repository's lock. (xdist's loadgroup, which could keep them on one worker, does not
-    group anything under pytest 9: it renames item._nodeid, which pytest 9 no longer reads.)"""
-    root = make_project(tmp_path_factory.mktemp("tiny-pipeline") / "repo", tiny_params())
-    res = sh(root, "dvc", "repro")
-    assert set(stages_run(res.stdout)) == ALL_STAGES, res.stdout[-3000:]
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-q", "-m", "ran the pipeline")
-    return root
+    Under pytest-xdist it is built in the run's shared temporary folder (by the controller, or the first worker
+    to need it, while the others wait on a file lock); each worker then works on its own copy, so no two
+    workers' DVC commands contend for one repository's lock."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's folder under xdist
+    built = shared / "tiny-pipeline-built" / "repo"
+    _build_tiny_pipeline(built)
+    if shared == base:
+        return built
+    return copy_project(built, tmp_path_factory.mktemp("tiny-pipeline") / "repo")
 
 
 def in_ci() -> bool:
