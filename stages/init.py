@@ -6,7 +6,7 @@ import typer
 
 from deeplab.caffe import convert_caffemodel
 from deeplab.config import load_params
-from deeplab.download import RELEASED, fetch_caffemodel, fetch_released
+from deeplab.download import fetch_caffemodel, fetch_released
 from deeplab.files import file_hash, save_torch
 from deeplab.models import (
     build_model,
@@ -98,7 +98,7 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             if i.source == "released":
                 path = fetch_released(i.name, downloads, i.base_url, i.checksums or None)
                 mlflow.set_tag("init.released", path.name)
-                log.info("released weights %s (%s, %d classes)", path.name, i.name, RELEASED[i.name][1])
+                log.info("released weights %s (init.name %s)", path.name, i.name)
                 state = read_weights_file(path)[0]
             else:
                 path = Path(i.path)
