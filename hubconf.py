@@ -1,6 +1,8 @@
-"""torch.hub entry points: ``torch.hub.load("<this repo>", "deeplabv2_resnet101", weights="final.pt")``.
+"""torch.hub entry points: ``torch.hub.load("<this repo>", "deeplabv2_resnet101", weights="final.pt")``, or in
+the reference's (kazuto1011/deeplab-pytorch) style ``..., pretrained="cocostuff164k", n_classes=182)``.
 
-Only torch is needed: the model code lives in ``deeplab.models``, which imports nothing else.
+Only torch is needed: the model code lives in ``deeplab.models``, which imports nothing else. ``pretrained=``
+downloads through ``deeplab.download``, which also needs this project's requirements (requests, tqdm, pydantic).
 """
 
 from __future__ import annotations
@@ -11,28 +13,56 @@ from typing import Any
 
 dependencies = ["torch"]
 
+# The reference's class count for a model built without weights.
+DEFAULT_N_CLASSES = 182
 
-def deeplabv2_resnet101(n_classes: int | None = None, weights: str | Path | None = None,
-                        scales: Sequence[float] | None = None, **kwargs: Any) -> Any:
+
+def deeplabv2_resnet101(pretrained: str | None = None, n_classes: int | None = None,
+                        scales: Sequence[float] | None = None, weights: str | Path | None = None,
+                        base_url: str | None = None, **kwargs: Any) -> Any:
     """DeepLab v2 ResNet-101 (output stride 8, ASPP rates 6/12/18/24 summed) inside the multi-scale wrapper:
     in eval mode it returns the max over the 1x and ``scales`` logits, (N, n_classes, ~H/8, ~W/8), for
     BGR mean-subtracted input (``deeplab.loader.to_input``).
+
+    ``pretrained``: as in the reference, one of its released weights, ``cocostuff164k``, ``cocostuff10k``
+    (182 classes) or ``voc12`` (21), downloaded once (resumed, retried, size and SHA-256 recorded on the first
+    download) into ``torch.hub.get_dir()/checkpoints``, from ``base_url`` if given (a mirror serving the
+    release's file names). ``n_classes`` defaults to the release's and must match it; the model is returned
+    in train mode, as the reference returns it (call ``.eval()`` for inference).
 
     ``weights``: a weights file loaded strictly: every tensor must fit, including the head (a file for another
     class count is an error). A file written by the train stage carries its model config, so ``weights`` alone
     builds the right model; its metadata (class names, input mean) is ``model.meta``. ``n_classes`` or
     ``kwargs`` that contradict it are an error; ``scales`` (an inference choice) replaces the trained ones.
-    A plain state dict (or ``{"model": state dict}``) needs them given: ``n_classes`` (default 21) and
+    A plain state dict (or ``{"model": state dict}``) takes ``n_classes`` from its head unless given, and
     ``kwargs`` for ``deeplab.models.build_model`` (``n_blocks``, ``width``, ``atrous_rates``) for smaller
-    variants; ``scales`` defaults to (0.5, 0.75). Without ``weights``: that fresh model (``model.meta`` None)."""
+    variants; ``scales`` defaults to (0.5, 0.75). Returned in eval mode. Without ``weights`` or
+    ``pretrained``: a fresh model (``n_classes`` default 182 as in the reference, eval mode, ``model.meta``
+    None)."""
     from deeplab.models import build_from_metadata, build_model, conflicts, load_state, read_weights_file
 
     unknown = sorted(set(kwargs) - {"n_blocks", "width", "atrous_rates"})
     if unknown:
         raise TypeError(f"deeplabv2_resnet101: unexpected argument(s) {', '.join(unknown)}")
+    if pretrained is not None:
+        if weights is not None:
+            raise TypeError("deeplabv2_resnet101: give pretrained= (a released name) or weights= (a file), not both")
+        import torch
+
+        from deeplab.download import RELEASED, fetch_released
+
+        if pretrained not in RELEASED:
+            raise ValueError(f"pretrained={pretrained!r}: not a released model (known: {', '.join(RELEASED)})")
+        release_classes = RELEASED[pretrained][1]
+        if n_classes is not None and n_classes != release_classes:
+            raise ValueError(f"pretrained={pretrained!r} has {release_classes} classes, n_classes={n_classes} given")
+        weights = fetch_released(pretrained, Path(torch.hub.get_dir()) / "checkpoints", base_url)
+        n_classes = release_classes
     state, meta = read_weights_file(weights) if weights is not None else ({}, None)
     if meta is None:
-        n_classes = 21 if n_classes is None else n_classes
+        head = state.get("base.aspp.c0.bias")
+        if n_classes is None:
+            n_classes = int(head.shape[0]) if head is not None else DEFAULT_N_CLASSES
         model = build_model(n_classes, scales=(0.5, 0.75) if scales is None else scales, **kwargs)
     else:
         clash = conflicts(meta, n_classes=n_classes, **kwargs)
@@ -47,4 +77,4 @@ def deeplabv2_resnet101(n_classes: int | None = None, weights: str | Path | None
             head = state.get(fresh[0])
             have = f"{head.shape[0]} classes" if head is not None else f"no {fresh[0]}"
             raise ValueError(f"{weights}: the ASPP head does not fit n_classes={n_classes} (the file has {have})")
-    return model.eval()
+    return model if pretrained is not None else model.eval()

@@ -72,12 +72,21 @@ class ModelConfig(Section):
     scales: tuple[PositiveFloat, ...] = (0.5, 0.75)
 
 
+RELEASED_NAMES = ("cocostuff164k", "cocostuff10k", "voc12")
+CAFFEMODEL_NAMES = ("init", "train_iter_20000", "train2_iter_20000")
+
+
 class InitConfig(Section):
-    source: Literal["scratch", "caffemodel", "checkpoint"] = "scratch"
+    source: Literal["scratch", "caffemodel", "checkpoint", "released"] = "scratch"
     # caffemodel: a local .caffemodel file, or null to download DeepLab's MS-COCO-pretrained init.caffemodel;
-    # checkpoint: a PyTorch state dict (.pt/.pth) of this model, e.g. the reference project's released weights.
+    # checkpoint: a PyTorch state dict (.pt/.pth) of this model, e.g. the reference project's released weights
+    # or its converted COCO init (deeplabv1_resnet101-coco.pth).
     path: str | None = None
-    # A mirror serving prototxt_and_model.zip (replaces the official URL's folder), and its checksums.
+    # released: which of the reference's released weights to download (cocostuff164k, cocostuff10k, voc12);
+    # caffemodel without path: which caffemodel of the authors' zip (init, train_iter_20000, train2_iter_20000).
+    name: str | None = None
+    # A mirror serving prototxt_and_model.zip (or the released .pth files) under the official file names
+    # (replaces the official URL's folder), and its checksums.
     base_url: str | None = None
     checksums: dict[Literal["md5", "sha1", "sha256", "size"], str | int] = {}
     seed: int = 0
@@ -86,6 +95,18 @@ class InitConfig(Section):
     def _path_needed(self) -> InitConfig:
         if self.source == "checkpoint" and not self.path:
             raise ValueError("init.path is required when init.source is 'checkpoint'")
+        allowed = {"released": RELEASED_NAMES, "caffemodel": CAFFEMODEL_NAMES}.get(self.source, ())
+        if self.source == "released" and self.name is None:
+            raise ValueError(f"init.name is required when init.source is 'released' (one of {', '.join(allowed)})")
+        if self.source == "released" and self.path:
+            raise ValueError("init.path is not used with init.source 'released' (init.name picks the weights); for "
+                             "a released .pth file already on disk use init.source 'checkpoint'")
+        if self.source == "caffemodel" and self.path and self.name:
+            raise ValueError("init.name and init.path are both set: init.path names the caffemodel, init.name picks "
+                             "one from the downloaded zip; set one of them")
+        if self.name is not None and self.name not in allowed:
+            what = f"one of {', '.join(allowed)}" if allowed else "not used (leave it out)"
+            raise ValueError(f"init.name: {self.name!r} with init.source {self.source!r}: {what}")
         return self
 
 
@@ -96,7 +117,8 @@ class TrainConfig(Section):
     nproc_per_node: PositiveInt = 1
     nnodes: PositiveInt = 1
     rdzv_endpoint: str | None = None
-    iterations: PositiveInt = 20000
+    # 0: no training, the init weights are the final weights (score released weights as they are).
+    iterations: NonNegInt = 20000
     batch_size: PositiveInt = 5
     iter_size: PositiveInt = 2
     lr: PositiveFloat = 2.5e-4

@@ -237,3 +237,23 @@ def fetch_caffemodel(downloads: Path, name: str = "init.caffemodel", base_url: s
     if not found:
         raise DownloadError(f"{zip_path}: no {name} inside")
     return found[0]
+
+
+# The reference's released PyTorch weights (kazuto1011/deeplab-pytorch, GitHub release v1.0), by init.name: plain
+# state dicts of DeepLab v2 ResNet-101 in MSC (keys base.*). No checksum is published: size and SHA-256 are
+# recorded on the first download like the other unpublished files.
+RELEASE_URL = "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0"
+RELEASED: dict[str, tuple[Archive, int]] = {
+    "cocostuff10k": (Archive(f"{RELEASE_URL}/deeplabv2_resnet101_msc-cocostuff10k-20000.pth"), 182),
+    "cocostuff164k": (Archive(f"{RELEASE_URL}/deeplabv2_resnet101_msc-cocostuff164k-100000.pth"), 182),
+    "voc12": (Archive(f"{RELEASE_URL}/deeplabv2_resnet101_msc-vocaug-20000.pth"), 21),
+}
+
+
+def fetch_released(name: str, downloads: Path, base_url: str | None = None,
+                   checksums: dict[str, object] | None = None) -> Path:
+    """The reference's released weights ``name`` (a key of ``RELEASED``) in ``downloads``, fetched and verified
+    through ``download``."""
+    if name not in RELEASED:
+        raise DownloadError(f"no released weights named {name!r} (known: {', '.join(RELEASED)})")
+    return download(RELEASED[name][0], downloads, base_url, checksums)

@@ -255,6 +255,17 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict |
     return obj, meta
 
 
+def from_v1_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict in the reference's DeepLabV1 layout (its converted COCO init, deeplabv1_resnet101-coco.pth:
+    the backbone without MSC's ``base.`` prefix and a 1x1 ``fc`` classifier instead of ASPP) in this model's
+    layout, and the ``fc`` keys dropped (the ASPP head then starts fresh, as in the reference's training).
+    Any other state dict is returned as it is."""
+    if any(k.startswith("base.") for k in state) or not any(k.startswith("layer1.") for k in state):
+        return state, []
+    dropped = sorted(k for k in state if k.startswith("fc."))
+    return {f"base.{k}": v for k, v in state.items() if not k.startswith("fc.")}, dropped
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a weights file (see ``read_weights_file``), without its metadata."""
     return read_weights_file(path)[0]

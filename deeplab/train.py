@@ -210,7 +210,9 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
                       dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
     start, rows = 0, []
-    if checkpoint.exists():
+    if tcfg.iterations == 0:
+        log.info("train.iterations is 0: no training, the init weights %s are saved as %s", init_weights, out_weights)
+    elif checkpoint.exists():
         try:
             ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
         except Exception as e:  # checkpoints are written atomically: this is a foreign or damaged file
@@ -238,7 +240,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
                                   n_classes=dcfg.n_classes, ignore=dcfg.ignore_label)
     per_iter = tcfg.batch_size * tcfg.iter_size
     sampler = DrawSampler(len(dataset), tcfg.seed, start=start * per_iter, stride=dist.world, offset=dist.rank)
-    workers = tcfg.num_workers
+    workers = tcfg.num_workers if tcfg.iterations else 0  # an evaluate-only run loads no data
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     batches = iter(loader)
@@ -300,6 +302,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
             save_checkpoint(it)
     if dist.rank == 0:
         _write_log(log_csv, rows)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)  # a DVC output, even when no step wrote a checkpoint
         # The model config travels with the weights: hub, predict and init rebuild the model from the file alone.
         save_torch(weights_file(model.state_dict(), n_classes=dcfg.n_classes, n_blocks=mcfg.n_blocks,
                                 width=mcfg.width, atrous_rates=mcfg.atrous_rates, scales=mcfg.scales,

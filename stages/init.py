@@ -6,12 +6,13 @@ import typer
 
 from deeplab.caffe import convert_caffemodel
 from deeplab.config import load_params
-from deeplab.download import fetch_caffemodel
+from deeplab.download import fetch_caffemodel, fetch_released
 from deeplab.files import file_hash, save_torch
 from deeplab.models import (
     build_model,
     calibrate_bn,
     conflicts,
+    from_v1_layout,
     init_from_scratch,
     load_state,
     load_weights,
@@ -29,6 +30,17 @@ def show(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
+def warn_trained_on_val(caffemodel: Path, dataset: str, val_split: str) -> str | None:
+    """The warning for scoring the DeepLab authors' VOC caffemodel trained on train+val on VOC's val images."""
+    if caffemodel.name != "train2_iter_20000.caffemodel" or dataset != "voc12" or val_split == "test":
+        return None
+    text = (f"{caffemodel.name} was trained by the DeepLab authors on VOC 2012 train+val (with SBD): its scores on "
+            f"dataset.val_split {val_split!r} are not a held-out measure (expect about 0.85-0.91 mean IoU, not "
+            "76-78); train_iter_20000.caffemodel is the one trained on train_aug")
+    log.warning("%s", text)
+    return text
+
+
 def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, init.*, "
                                                    "train.crop_size); must hold every section.")]
          = Path("params.yaml"),
@@ -36,10 +48,12 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
                                                   "BatchNorm for init.source scratch).")] = Path("data/prepared"),
          out: Annotated[Path, typer.Option(help="Initial weights (state dict) to write.")]
          = Path("data/models/init.pt"),
-         downloads: Annotated[Path, typer.Option(help="Folder for the downloaded caffemodel archive.")]
+         downloads: Annotated[Path, typer.Option(help="Folder for the downloaded caffemodel archive and "
+                                                           "released weights.")]
          = Path("data/downloads")) -> None:
     """Produce the initial weights the train stage starts from: seeded from-scratch, a converted DeepLab
-    caffemodel (downloaded unless init.path names one), or a PyTorch checkpoint."""
+    caffemodel (downloaded unless init.path names one), a PyTorch checkpoint, or the reference's released
+    weights (init.source released, downloaded)."""
     p = load_params(params)
     m, i = p.model, p.init
     # Checked before MLflow starts a run: a wrong path or model is a config error, not a failed run.
@@ -50,6 +64,10 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             state, meta = read_weights_file(Path(i.path))
         except ValueError as e:  # names the file; say which setting gave it
             raise ValueError(f"init.path: {e}") from None
+        state, dropped = from_v1_layout(state)
+        if dropped:
+            log.info("init.path %s is in the reference's DeepLabV1 layout (its COCO init): backbone keys prefixed "
+                     "with base., its classifier (%s) dropped", i.path, ", ".join(dropped))
         if meta is not None:  # written by train: name the params that differ instead of listing tensors
             clash = conflicts(meta, n_blocks=m.n_blocks, width=m.width, atrous_rates=m.atrous_rates)
             if clash:
@@ -67,14 +85,24 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             log.info("BatchNorm statistics calibrated on %d training crops", n)
             save_torch(model.state_dict(), out)
         elif i.source == "caffemodel":
-            path = Path(i.path) if i.path else fetch_caffemodel(downloads, base_url=i.base_url,
-                                                                checksums=i.checksums or None)
+            path = Path(i.path) if i.path else fetch_caffemodel(downloads, f"{i.name or 'init'}.caffemodel",
+                                                                base_url=i.base_url, checksums=i.checksums or None)
             mlflow.set_tag("init.caffemodel.md5", file_hash(path))
+            warning = warn_trained_on_val(path, p.dataset.name, p.dataset.val_split)
+            if warning:
+                mlflow.set_tag("init.warning", warning)
             for line in convert_caffemodel(path, out, p.dataset.n_classes, m.n_blocks, m.width):
                 log.info("%s", line)
             load_weights(model, out)  # the converted file must fit the configured model
         else:
-            fresh = load_state(model, state, Path(i.path))
+            if i.source == "released":
+                path = fetch_released(i.name, downloads, i.base_url, i.checksums or None)
+                mlflow.set_tag("init.released", path.name)
+                log.info("released weights %s (init.name %s)", path.name, i.name)
+                state = read_weights_file(path)[0]
+            else:
+                path = Path(i.path)
+            fresh = load_state(model, state, path)
             if fresh:
                 log.info("classifier head initialised fresh (%d tensors): class count differs", len(fresh))
             save_torch(model.state_dict(), out)

@@ -27,7 +27,8 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
           = Path("data/checkpoints/last.pt"),
           log_csv: Annotated[Path, typer.Option(help="CSV of the loss and lr per iteration.")]
           = Path("metrics/train_log.csv")) -> None:
-    """Train DeepLab v2 from the initial weights; resumes from CHECKPOINT after an interruption."""
+    """Train DeepLab v2 from the initial weights; resumes from CHECKPOINT after an interruption. With
+    train.iterations 0 the initial weights become the final weights untrained (to score released weights)."""
     p = load_params(params)
     t = p.train
     train_list = lists / f"{p.dataset.train_split}.txt"
@@ -35,7 +36,11 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
         run_training(p.dataset, p.model, t, train_list, init, out, checkpoint, log_csv)
         return
     with stage_run("train", p, params) as mlflow:
-        if t.nproc_per_node * t.nnodes > 1:
+        mlflow.set_tag("deeplab.trained", str(t.iterations > 0).lower())  # false: the init weights, untrained
+        if t.iterations == 0:  # evaluate-only: no processes are launched for it
+            run_training(p.dataset, p.model, t, train_list, init, out, checkpoint, log_csv)
+            final_loss = None
+        elif t.nproc_per_node * t.nnodes > 1:
             torchrun("stages.train", sys.argv[1:], t.nproc_per_node, t.nnodes, t.rdzv_endpoint)
             with open(log_csv, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) % t.log_every == 0]
@@ -47,7 +52,8 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
                 p.dataset, p.model, t, train_list, init, out, checkpoint, log_csv,
                 on_log=lambda it, loss, lr: mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=it))
             final_loss = result.final_loss
-        mlflow.log_metric("final_train_loss", final_loss)
+        if final_loss is not None:
+            mlflow.log_metric("final_train_loss", final_loss)
         mlflow.set_tag("weights.final.md5", file_hash(out))
         mlflow.log_artifact(str(log_csv))
         log.info("weights written to %s, training log to %s", out, log_csv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,52 @@ def test_trained_weights_load_by_path_alone(tmp_path):
     with pytest.raises(TypeError, match="depth"):
         hub(weights=path, depth=101)
     assert hub(n_classes=4, **SMALL).meta is None  # no weights: as before
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    """torch.hub's cache dir in tmp_path for the test (torch.hub.set_dir is process-wide)."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+def test_reference_style_pretrained_downloads_into_the_hub_cache(hub_dir, tmp_path):
+    """The reference's call, torch.hub.load(repo, "deeplabv2_resnet101", pretrained=..., n_classes=...), with tiny
+    weights saved as the reference released them (a plain state dict, keys base.*) on a loopback mirror."""
+    import hashlib
+
+    from tests.official_layouts import ArchiveServer
+
+    ref = build_model(182, **SMALL)
+    init_from_scratch(ref, 1)
+    path = tmp_path / "release.pth"
+    torch.save(ref.state_dict(), path)
+    data = path.read_bytes()
+    name = "deeplabv2_resnet101_msc-cocostuff164k-100000.pth"
+    with ArchiveServer() as server:
+        server.files[name] = data
+        model = hub(pretrained="cocostuff164k", n_classes=182, base_url=server.url, **SMALL)
+        again = hub(pretrained="cocostuff164k", scales=None, base_url=server.url, **SMALL)  # n_classes: 182
+        assert server.log == [(name, None)]  # the second call used the cache
+        with pytest.raises(ValueError, match=r"pretrained='cocostuff164k' has 182 classes, n_classes=21 given"):
+            hub(pretrained="cocostuff164k", n_classes=21, base_url=server.url, **SMALL)
+        with pytest.raises(ValueError, match=r"pretrained='ade20k': not a released model \(known: cocostuff10k, "):
+            hub(pretrained="ade20k", base_url=server.url, **SMALL)
+    assert (hub_dir / "checkpoints" / name).read_bytes() == data
+    recorded = json.loads((hub_dir / "checkpoints" / "recorded.json").read_text())
+    assert recorded[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for m in (model, again):
+        assert isinstance(m, MSC) and m.training and m.scales == (0.5, 0.75)  # the reference returns train mode
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.state_dict().items())
+    with pytest.raises(TypeError, match="not both"):
+        hub(pretrained="voc12", weights=str(path))
+
+
+def test_reference_defaults_without_weights_and_head_from_a_plain_file(tmp_path):
+    assert hub(**SMALL).base.aspp.c0.out_channels == 182  # the reference's default n_classes
+    path = tmp_path / "five.pt"
+    torch.save(build_model(5, **SMALL).state_dict(), path)
+    model = hub(weights=str(path), **SMALL)  # n_classes from the file's head
+    assert model.base.aspp.c0.out_channels == 5 and not model.training

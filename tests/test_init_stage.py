@@ -103,3 +103,26 @@ def test_checkpoint_written_by_train_is_checked_against_the_model(tmp_path):
     init = torch.load(root / "data/models/init.pt", weights_only=True)
     key = "base.layer5.block1.reduce.conv.weight"
     assert "deeplab" not in init and torch.equal(init[key], read_state_dict(trained)[key])  # init.pt stays plain
+
+
+def test_checkpoint_takes_the_references_coco_init_layout(tmp_path):
+    """deeplabv1_resnet101-coco.pth: DeepLabV1's backbone keys without MSC's base. prefix and a 91-class 1x1 fc."""
+    v1 = {k: v for k, v in build_model(91, (1, 1, 1, 1), 8).base.state_dict().items() if not k.startswith("aspp.")}
+    v1["fc.weight"] = torch.randn(91, 256, 1, 1)
+    v1["fc.bias"] = torch.randn(91)
+    for key in ("layer1.conv1.conv.weight", "layer1.conv1.bn.running_var", "layer2.block1.shortcut.bn.running_mean",
+                "layer4.block1.conv3x3.conv.weight", "layer5.block1.increase.bn.num_batches_tracked", "fc.weight"):
+        assert key in v1  # the reference's key names
+    torch.save(v1, tmp_path / "deeplabv1_resnet101-coco.pth")
+    params = tiny_params()
+    params["init"].update(source="checkpoint", path=str(tmp_path / "deeplabv1_resnet101-coco.pth"))
+    root = make_project(tmp_path / "repo", params)
+    res = sh(root, "python", "-m", "stages.init")
+    assert "in the reference's DeepLabV1 layout (its COCO init): backbone keys prefixed with base., its classifier " \
+           "(fc.bias, fc.weight) dropped" in res.stderr
+    assert "classifier head initialised fresh (8 tensors)" in res.stderr
+    state = torch.load(root / "data/models/init.pt", weights_only=True)
+    for key, value in v1.items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[f"base.{key}"], value), key
+    assert state["base.aspp.c0.weight"].shape[0] == 6 and not any(k.startswith(("fc.", "base.fc.")) for k in state)
