@@ -26,7 +26,7 @@ def crf(params: Annotated[Path, typer.Option(help="Params file to read (dataset.
     """Dense CRF over the saved logits of the validation split, in parallel, writing label maps."""
     p = load_params(params)
     with stage_run("crf", p, params) as mlflow:
-        items = read_list(lists / f"{p.dataset.val_split}.txt")
+        items = read_list(lists / f"{p.dataset.val_split}.txt")[:p.crf.subset]
         h, w = read_image(items[0].image).shape[:2]
         n_jobs = choose_n_jobs(p.crf.n_jobs, p.dataset.n_classes, h, w)
         mlflow.log_param("crf.n_jobs_used", n_jobs)

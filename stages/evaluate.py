@@ -61,7 +61,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
     p = load_params(params)
     d = p.dataset
     with stage_run(f"evaluate@{kind}", p, params) as mlflow:
-        items = read_list(lists / f"{d.val_split}.txt")
+        items = read_list(lists / f"{d.val_split}.txt")[:p.crf.subset]  # the images the crf stage saw
         hist = accumulate(items, predictions / kind, d.n_classes, d.ignore_label)
         s = scores(hist)
         names = class_names(d.name, d.n_classes)
