@@ -158,6 +158,9 @@ class CrfConfig(Section):
     # (or $DASK_SCHEDULER_ADDRESS); its workers must see the same data/ paths.
     parallel: Literal["loky", "dask"] = "loky"
     scheduler: str | None = None
+    # Only the first N validation images, in the crf stage and both evaluate stages (a CRF parameter search on
+    # part of the validation set). null: all.
+    subset: PositiveInt | None = None
     iterations: PositiveInt = 10
     pos_xy_std: PositiveFloat = 1.0
     pos_w: Annotated[float, Field(ge=0)] = 3.0
@@ -171,9 +174,6 @@ class CrfConfig(Section):
     batch_size: PositiveInt | None = None
     # Reproduce the reference's bug of feeding the mean-subtracted BGR image cast to uint8 (parity checks only).
     reference_image_quirk: bool = False
-    # Only the first N validation images, in the crf stage and both evaluate stages (a CRF parameter search on
-    # part of the validation set). null: all.
-    subset: PositiveInt | None = None
 
 
 class EvaluateConfig(Section):

@@ -5,6 +5,7 @@ pipeline, so nothing upstream of the CRF is trained again."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -64,7 +65,8 @@ def test_crf_grid_search_through_the_dvc_queue(tiny_pipeline, tmp_path):
         it.image_id for it in items[:SUBSET])
     for kind in ("raw", "crf"):
         scored = json.loads((root / f"metrics/{kind}/scores.json").read_text())
-        first = scores(accumulate(items[:SUBSET], root / "data/predictions" / kind, n_classes))
+        with contextlib.chdir(root):  # the lists hold paths relative to the project
+            first = scores(accumulate(items[:SUBSET], Path("data/predictions") / kind, n_classes))
         assert scored["mean_iou"] == first["mean_iou"] and scored["pixel_accuracy"] == first["pixel_accuracy"]
 
     # 2. The grid through DVC's queue: queued from the workspace, so every run inherits the subset.
