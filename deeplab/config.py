@@ -125,10 +125,22 @@ class TrainConfig(Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
     poly_power: Annotated[float, Field(ge=0)] = 0.9
+    # The lr factor is updated every lr_step iterations, whatever the policy (DeepLab v2: poly every 10).
     lr_step: PositiveInt = 10
+    # poly: (1 - t/T)^poly_power; step: step_factor^floor(t/step_size); cosine: (1 + cos(pi t/T)) / 2.
+    lr_policy: Literal["poly", "step", "cosine"] = "poly"
+    step_size: PositiveInt | None = None
+    step_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+    # Linear warmup: over the first warmup_iterations the factor rises from warmup_start_factor to 1 (0: off).
+    warmup_iterations: NonNegInt = 0
+    warmup_start_factor: Annotated[float, Field(ge=0, le=1)] = 0.0
     crop_size: PositiveInt = 321
     scales: tuple[PositiveFloat, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    # A continuous random scale, uniform in [low, high], instead of the discrete train.scales (null: off).
+    scale_range: tuple[PositiveFloat, PositiveFloat] | None = None
     flip: bool = True
+    # Gaussian blur of the training crop with this probability, sigma uniform in [0, 1) pixels (0: off).
+    blur_prob: Annotated[float, Field(ge=0, le=1)] = 0.0
     freeze_bn: bool = True
     num_workers: NonNegInt = 0
     seed: int = 0
@@ -139,6 +151,15 @@ class TrainConfig(Section):
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
+
+    @model_validator(mode="after")
+    def _schedule_and_scale(self) -> TrainConfig:
+        if self.lr_policy == "step" and self.step_size is None:
+            raise ValueError("train.step_size is required when train.lr_policy is 'step' (iterations between "
+                             "lr drops by train.step_factor)")
+        if self.scale_range is not None and self.scale_range[0] > self.scale_range[1]:
+            raise ValueError(f"train.scale_range: {list(self.scale_range)} must be [low, high] with low <= high")
+        return self
 
 
 class LogitsConfig(Section):
@@ -159,6 +180,9 @@ class CrfConfig(Section):
     # (or $DASK_SCHEDULER_ADDRESS); its workers must see the same data/ paths.
     parallel: Literal["loky", "dask"] = "loky"
     scheduler: str | None = None
+    # Only the first N validation images, in the crf stage and both evaluate stages (a CRF parameter search on
+    # part of the validation set). null: all.
+    subset: PositiveInt | None = None
     iterations: PositiveInt = 10
     pos_xy_std: PositiveFloat = 1.0
     pos_w: Annotated[float, Field(ge=0)] = 3.0

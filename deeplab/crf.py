@@ -155,8 +155,11 @@ def run_crf(items: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConf
         log.info("crf: %d of %d label maps reused from %s (same settings, code, logits and image)",
                  len(items) - len(todo), len(items), store)
     _compute(todo, done, logits_dir, cfg, mean_bgr, n_jobs)
-    for stale in set(store.iterdir()) - set(done.values()):  # maps of earlier logits
-        stale.unlink(missing_ok=True)
+    # Maps of these images made from earlier logits or images; those of other images stay (a crf.subset run
+    # must not drop the rest of the split's maps).
+    for stale in set(store.iterdir()) - set(done.values()):
+        if stale.name.rsplit(".", 2)[0] in done:
+            stale.unlink(missing_ok=True)
     for it in items:
         _publish(done[it.image_id], out_dir / f"{it.image_id}.png")
     return len(todo)

@@ -28,14 +28,36 @@ class Augment:
     scales: tuple[float, ...]
     flip: bool
     seed: int
+    # The DeepLab v3+ capstone's options, off by default: a continuous scale range instead of ``scales``, and
+    # Gaussian blur with this probability.
+    scale_range: tuple[float, float] | None = None
+    blur_prob: float = 0.0
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """CHW float image blurred by a separable Gaussian of ``sigma`` pixels, truncated at 3 sigma and mirrored at
+    the borders (scipy.ndimage.gaussian_filter's mode "mirror"); the image itself where the kernel is one tap.
+    Blurring commutes with the mean subtraction: the kernel sums to 1."""
+    radius = min(int(3 * sigma + 0.5), *(n - 1 for n in image.shape[-2:]))
+    if sigma <= 0 or radius < 1:
+        return image
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).to(image.dtype)
+    c = image.shape[0]
+    out = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)[0]
 
 
 def augment(image: torch.Tensor, label: np.ndarray, aug: Augment, rng: np.random.Generator,
             ignore: int = IGNORE) -> tuple[torch.Tensor, np.ndarray]:
-    """Reference order: random scale from a discrete set, pad bottom/right (image 0 = the mean after
-    subtraction, label ignore), random crop, horizontal flip."""
+    """Reference order: random scale from a discrete set (or uniform in ``scale_range``), pad bottom/right
+    (image 0 = the mean after subtraction, label ignore), random crop, horizontal flip; then, with
+    ``blur_prob``, Gaussian blur of the image crop, sigma uniform in [0, 1) as the capstone's (which blurs
+    after its scale-pad-crop too). Options that are off draw no random numbers: the v2 stream is unchanged."""
     h, w = label.shape
-    s = float(rng.choice(aug.scales))
+    s = float(rng.uniform(*aug.scale_range)) if aug.scale_range else float(rng.choice(aug.scales))
     nh, nw = int(h * s), int(w * s)
     if (nh, nw) != (h, w):
         image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
@@ -50,6 +72,8 @@ def augment(image: torch.Tensor, label: np.ndarray, aug: Augment, rng: np.random
     image, label = image[:, y:y + c, x:x + c], label[y:y + c, x:x + c]
     if aug.flip and rng.random() < 0.5:
         image, label = image.flip(-1), label[:, ::-1]
+    if aug.blur_prob and rng.random() < aug.blur_prob:
+        image = gaussian_blur(image.contiguous(), float(rng.random()))
     return image.contiguous(), np.ascontiguousarray(label)
 
 

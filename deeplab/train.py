@@ -110,6 +110,25 @@ def poly_factor(iteration: int, iterations: int, power: float, step: int = 10) -
     return (1 - t / iterations) ** power
 
 
+def lr_factor(iteration: int, tcfg: TrainConfig) -> float:
+    """lr multiplier used at 1-based ``iteration`` under ``train.lr_policy``, times the linear warmup; both
+    see t = the 0-based iteration rounded down to a multiple of ``train.lr_step``. poly is ``poly_factor``
+    (DeepLab v2); step and cosine are the DeepLab v3+ capstone's (lr x step_factor every step_size
+    iterations; half a cosine period over the run), whose warmup also rises linearly, from 0."""
+    t = tcfg.lr_step * ((iteration - 1) // tcfg.lr_step)
+    if tcfg.lr_policy == "poly":
+        factor = poly_factor(iteration, tcfg.iterations, tcfg.poly_power, tcfg.lr_step)
+    elif tcfg.lr_policy == "step":
+        assert tcfg.step_size is not None  # TrainConfig requires it for this policy
+        factor = tcfg.step_factor ** (t // tcfg.step_size)
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * t / tcfg.iterations))
+    if t < tcfg.warmup_iterations:
+        start = tcfg.warmup_start_factor
+        factor *= start + (1 - start) * t / tcfg.warmup_iterations
+    return factor
+
+
 def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour with pixel-centre alignment (PIL's NEAREST), so labels stay aligned with logits."""
     if tuple(labels.shape[-2:]) == tuple(size):
@@ -236,8 +255,8 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     if cuda and tcfg.compile:
         net = torch.compile(net)
 
-    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed),
-                                  n_classes=dcfg.n_classes, ignore=dcfg.ignore_label)
+    aug = Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed, tcfg.scale_range, tcfg.blur_prob)
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, aug, n_classes=dcfg.n_classes, ignore=dcfg.ignore_label)
     per_iter = tcfg.batch_size * tcfg.iter_size
     sampler = DrawSampler(len(dataset), tcfg.seed, start=start * per_iter, stride=dist.world, offset=dist.rank)
     workers = tcfg.num_workers if tcfg.iterations else 0  # an evaluate-only run loads no data
@@ -282,7 +301,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     bar = tqdm(range(start + 1, tcfg.iterations + 1), initial=start, total=tcfg.iterations, desc="train",
                unit="it", disable=dist.rank != 0)
     for it in bar:
-        factor = poly_factor(it, tcfg.iterations, tcfg.poly_power, tcfg.lr_step)
+        factor = lr_factor(it, tcfg)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         try:

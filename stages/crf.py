@@ -23,10 +23,11 @@ def crf(params: Annotated[Path, typer.Option(help="Params file to read (dataset.
         progress: Annotated[Path, typer.Option(help="Finished maps keyed by settings, code and inputs; not a DVC "
                                                     "output, so a rerun after an interruption resumes from it.")]
         = Path("data/crf_progress")) -> None:
-    """Dense CRF over the saved logits of the validation split, in parallel, writing label maps."""
+    """Dense CRF over the saved logits of the validation split (its first crf.subset images when set), in
+    parallel, writing label maps."""
     p = load_params(params)
     with stage_run("crf", p, params) as mlflow:
-        items = read_list(lists / f"{p.dataset.val_split}.txt")
+        items = read_list(lists / f"{p.dataset.val_split}.txt")[:p.crf.subset]
         h, w = read_image(items[0].image).shape[:2]
         n_jobs = choose_n_jobs(p.crf.n_jobs, p.dataset.n_classes, h, w)
         mlflow.log_param("crf.n_jobs_used", n_jobs)

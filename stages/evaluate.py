@@ -46,22 +46,23 @@ def confusions_csv(hist: np.ndarray, names: Sequence[str], k: int = 20) -> str:
 
 
 def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf"),
-             params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, evaluate.*); must hold "
-                                                       "every section.")] = Path("params.yaml"),
+             params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, evaluate.*, "
+                                                       "crf.subset); must hold every section.")] = Path("params.yaml"),
              lists: Annotated[Path, typer.Option(help="The prepare stage's file lists (the validation split).")]
              = Path("data/prepared"),
              predictions: Annotated[Path, typer.Option(help="Folder holding the raw/ and crf/ label maps.")]
              = Path("data/predictions"),
              out: Annotated[Path, typer.Option(help="Metrics folder: results go to OUT/KIND.")]
              = Path("metrics")) -> None:
-    """Scores of the raw or CRF predictions against the validation labels, with per-class IoU and
-    confusion-matrix plots, the most confused class pairs and a grid of example predictions."""
+    """Scores of the raw or CRF predictions against the validation labels (the first crf.subset images when
+    set), with per-class IoU and confusion-matrix plots, the most confused class pairs and a grid of example
+    predictions."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected 'raw' or 'crf', got {kind!r}")
     p = load_params(params)
     d = p.dataset
     with stage_run(f"evaluate@{kind}", p, params) as mlflow:
-        items = read_list(lists / f"{d.val_split}.txt")
+        items = read_list(lists / f"{d.val_split}.txt")[:p.crf.subset]  # the images the crf stage saw
         hist = accumulate(items, predictions / kind, d.n_classes, d.ignore_label)
         s = scores(hist)
         names = class_names(d.name, d.n_classes)

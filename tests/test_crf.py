@@ -182,3 +182,18 @@ def test_corrupt_truncated_or_nonfinite_logits_are_named(tmp_path):
     path.unlink()
     with pytest.raises(DataError, match=r"1\.npy: logits file not found"):
         run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), 1)
+
+
+def test_a_subset_run_keeps_the_other_images_maps(tmp_path):
+    """crf.subset runs the first N images: the finished maps of the rest stay, so the full split after a
+    search on part of it computes nothing it already had."""
+    items = _logit_set(tmp_path)
+    logits, progress = tmp_path / "logits", tmp_path / "progress"
+    assert run_crf(items, logits, tmp_path / "all", CrfConfig(), (0, 0, 0), 1, progress) == 3
+    assert run_crf(items[:1], logits, tmp_path / "sub", CrfConfig(), (0, 0, 0), 1, progress) == 0
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["0.png"]
+    assert run_crf(items, logits, tmp_path / "again", CrfConfig(), (0, 0, 0), 1, progress) == 0
+    # Maps of the subset's own images made from other logits are still replaced.
+    save_logits(logits / "0.npy", torch.from_numpy(np.load(logits / "0.npy").astype(np.float32)[::-1].copy()))
+    assert run_crf(items[:1], logits, tmp_path / "sub", CrfConfig(), (0, 0, 0), 1, progress) == 1
+    assert len(list(next(progress.iterdir()).glob("0.*.png"))) == 1

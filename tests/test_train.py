@@ -240,3 +240,27 @@ def test_unreadable_checkpoint_is_named_without_torch_advice(tiny_setup):
     with pytest.raises(RunError, match=r"ck\.pt: not a PyTorch weights file.*; delete it to train from the start") as e:
         train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "ck.pt", tmp / "a.csv")
     assert "weights_only" not in str(e.value)
+
+
+def test_training_follows_the_lr_policy_and_warmup(tiny_setup):
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=4, batch_size=1, iter_size=1, crop_size=33, checkpoint_every=4, log_every=1,
+                    lr=1e-3, lr_policy="cosine", lr_step=1, warmup_iterations=2, warmup_start_factor=0.5)
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv")
+    lrs = [float(line.split(",")[2]) for line in (tmp / "log.csv").read_text().splitlines()[1:]]
+    cos = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([1e-3 * f for f in (0.5 * cos[0], 0.75 * cos[1], cos[2], cos[3])], rel=1e-5)
+
+
+def test_training_applies_the_augmentation_options(tiny_setup):
+    """scale_range and blur_prob reach the training data: each changes the weights of a deterministic run
+    (test_resume_reproduces_uninterrupted_run shows equal settings give equal weights)."""
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, deterministic=True,
+                    device="cpu")
+    weights = {}
+    for name, update in {"v2": {}, "range": {"scale_range": (0.6, 1.4)}, "blur": {"blur_prob": 1.0}}.items():
+        train(d, m, t.model_copy(update=update), tmp / "train.txt", tmp / "init.pt", tmp / f"{name}.pt",
+              tmp / f"{name}_ck.pt", tmp / f"{name}.csv")
+        weights[name] = read_state_dict(tmp / f"{name}.pt")["base.aspp.c0.weight"]
+    assert not torch.equal(weights["v2"], weights["range"]) and not torch.equal(weights["v2"], weights["blur"])
