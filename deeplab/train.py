@@ -303,7 +303,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         # The model config travels with the weights: hub, predict and init rebuild the model from the file alone.
         save_torch(weights_file(model.state_dict(), n_classes=dcfg.n_classes, n_blocks=mcfg.n_blocks,
                                 width=mcfg.width, atrous_rates=mcfg.atrous_rates, scales=mcfg.scales,
-                                class_names=class_names(dcfg.name, dcfg.n_classes), dataset=dcfg.name,
+                                class_names=class_names(dcfg), dataset=dcfg.name,
                                 mean_bgr=dcfg.mean_bgr), out_weights)
     if dist.world > 1:
         torch.distributed.barrier()

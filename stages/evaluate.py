@@ -64,7 +64,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         items = read_list(lists / f"{d.val_split}.txt")
         hist = accumulate(items, predictions / kind, d.n_classes, d.ignore_label)
         s = scores(hist)
-        names = class_names(d.name, d.n_classes)
+        names = class_names(d)
         class_iou = s.pop("class_iou")
         dest = out / kind
         write_json(dest / "scores.json", s)
