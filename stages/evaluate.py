@@ -1,6 +1,7 @@
 import csv
 import io
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +35,11 @@ def shown_kinds(kind: str, predictions: Path) -> list[str]:
 def example_rows(items: Sequence[Item], predictions: Path, kinds: Sequence[str]) -> list[tuple[str, list[np.ndarray]]]:
     return [(it.image_id, [read_image(it.image), read_label(it.label),
                            *(read_label(predictions / k / f"{it.image_id}.png") for k in kinds)]) for it in items]
+
+
+def metric_key(name: str) -> str:
+    """A class name as MLflow accepts it in a metric name (a custom dataset's names may hold any character)."""
+    return re.sub(r"[^\w.\- ]", "_", name)
 
 
 def confusions_csv(hist: np.ndarray, names: Sequence[str], k: int = 20) -> str:
@@ -78,7 +84,8 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         plot_examples(example_rows(items[:p.evaluate.n_examples], predictions, kinds),
                       ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png")
         mlflow.log_metrics({f"{kind}_{k}": v for k, v in s.items()})
-        mlflow.log_metrics({f"{kind}_iou_{n}": v for n, v in zip(names, class_iou, strict=True) if v is not None})
+        mlflow.log_metrics({f"{kind}_iou_{metric_key(n)}": v for n, v in zip(names, class_iou, strict=True)
+                            if v is not None})
         mlflow.log_artifacts(str(dest), artifact_path=f"metrics/{kind}")
         log.info("%s: mean IoU %.4f, pixel accuracy %.4f -> %s", kind, s["mean_iou"], s["pixel_accuracy"], dest)
 
