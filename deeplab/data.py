@@ -114,10 +114,10 @@ def check_label_values(label: np.ndarray, path: str | Path, n_classes: int, igno
     return label
 
 
-def write_label(path: str | Path, label: np.ndarray) -> None:
-    """Palette PNG with the VOC colour map, written atomically."""
+def write_label(path: str | Path, label: np.ndarray, colours: np.ndarray | None = None) -> None:
+    """Palette PNG with the VOC colour map (or ``colours``, 256 x 3), written atomically."""
     im = Image.fromarray(label.astype(np.uint8), mode="P")
-    im.putpalette(PALETTE.tobytes())
+    im.putpalette((PALETTE if colours is None else colours).tobytes())
     atomic_save(im, path)
 
 

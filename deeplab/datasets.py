@@ -288,9 +288,16 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
     return items
 
 
-def colour_table(cfg: DatasetConfig) -> np.ndarray:
-    """256 x 3 uint8 colours of label values: dataset.custom.colours for the classes, else the VOC palette."""
+def class_colours(cfg: DatasetConfig) -> list[list[int]] | None:
+    """dataset.custom.colours (an RGB per class), or None for the VOC palette."""
     colours = cfg.custom.colours if cfg.name == "custom" and cfg.custom else None
+    return [[int(c) for c in rgb] for rgb in colours] if colours else None
+
+
+def colour_table(cfg_or_colours: DatasetConfig | Sequence[Sequence[int]] | None) -> np.ndarray:
+    """256 x 3 uint8 colours of label values: a dataset's class colours (its params', or as the weights'
+    metadata records them) over the VOC palette."""
+    colours = class_colours(cfg_or_colours) if isinstance(cfg_or_colours, DatasetConfig) else cfg_or_colours
     if not colours:
         return PALETTE
     table = PALETTE.copy()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, default_params, load_params
 from deeplab.data import DataError, atomic_save, read_image, write_label
-from deeplab.datasets import DATASETS, class_names
+from deeplab.datasets import DATASETS, class_names, colour_table
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
 from deeplab.loader import to_input
 from deeplab.models import MSC, build_model, conflicts, read_weights_file
@@ -204,11 +204,13 @@ def predict_label(model: MSC, rgb: np.ndarray, mean_bgr: Sequence[float], device
     return label
 
 
-def write_outputs(out: Path, stem: str, rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> tuple[Path, Path]:
-    """``<stem>_label.png`` (palette PNG, VOC colours) and ``<stem>_overlay.png``, both written atomically."""
+def write_outputs(out: Path, stem: str, rgb: np.ndarray, label: np.ndarray, names: Sequence[str],
+                  colours: np.ndarray | None = None) -> tuple[Path, Path]:
+    """``<stem>_label.png`` (palette PNG, VOC colours or ``colours``) and ``<stem>_overlay.png``, both written
+    atomically."""
     label_path, overlay_path = out / f"{stem}_label.png", out / f"{stem}_overlay.png"
-    write_label(label_path, label)
-    atomic_save(overlay(rgb, label, names), overlay_path)
+    write_label(label_path, label, colours)
+    atomic_save(overlay(rgb, label, names, colours=colours), overlay_path)
     return label_path, overlay_path
 
 
@@ -231,13 +233,14 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
     state, meta = read_weights(weights, p)
     p, names = with_metadata(weights, meta, p, dataset, n_classes)
     model = fit_model(weights, state, p).to(dev)
+    colours = colour_table(meta.get("colours") if meta else p.dataset)
     amp = p.logits.amp and dev.type == "cuda"
     failed = len(errors)
     for path, stem in zip(paths, output_stems(paths), strict=True):
         try:
             rgb = read_image(path)
             label = predict_label(model, rgb, p.dataset.mean_bgr, dev, max_size, p.crf if crf else None, amp)
-            label_path, overlay_path = write_outputs(out, stem, rgb, label, names)
+            label_path, overlay_path = write_outputs(out, stem, rgb, label, names, colours)
         except DataError as e:  # names the file already
             warn(str(e))
             failed += 1

@@ -11,7 +11,7 @@ import typer
 
 from deeplab.config import load_params
 from deeplab.data import Item, read_image, read_label, read_list
-from deeplab.datasets import class_names
+from deeplab.datasets import class_names, colour_table
 from deeplab.files import write_json, write_text
 from deeplab.metrics import accumulate, scores
 from deeplab.stage import command
@@ -82,7 +82,8 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         plot_class_iou(class_iou, names, dest / "class_iou.png", s["mean_iou"])
         kinds = shown_kinds(kind, predictions)
         plot_examples(example_rows(items[:p.evaluate.n_examples], predictions, kinds),
-                      ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png")
+                      ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png",
+                      colours=colour_table(d))
         mlflow.log_metrics({f"{kind}_{k}": v for k, v in s.items()})
         mlflow.log_metrics({f"{kind}_iou_{metric_key(n)}": v for n, v in zip(names, class_iou, strict=True)
                             if v is not None})

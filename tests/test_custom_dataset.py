@@ -135,6 +135,19 @@ def test_custom_dataset_through_dvc_repro(tmp_path, layout):
     # The weights carry the names: hub's model.meta and predict's legends read them.
     meta = torch.load(root / "data" / "models" / "final.pt", weights_only=True)["deeplab"]
     assert meta["class_names"] == names and meta["dataset"] == "custom"
+    if layout == "voc":  # its own colours, in the metadata and in predict's label maps and legends
+        from deeplab.predict import predict_images
+
+        assert meta["colours"] == [[0, 0, 0], [200, 0, 0], [0, 200, 0]]
+        lines: list[str] = []
+        image = data / "JPEGImages" / "val_000.jpg"
+        assert predict_images([image], root / "data" / "models" / "final.pt", tmp_path / "pred", device="cpu",
+                              echo=lines.append) == 0
+        assert Image.open(tmp_path / "pred" / "val_000_label.png").getpalette()[:9] == [0, 0, 0, 200, 0, 0, 0, 200, 0]
+        shown = lines[0].rsplit("(", 1)[1].rstrip(")").split(", ")
+        assert shown and set(shown) <= set(names)
+    else:
+        assert "colours" not in meta
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
