@@ -42,6 +42,15 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w.\- ]", "_", name)
 
 
+def class_iou_csv(names: Sequence[str], class_iou: Sequence[float | None]) -> str:
+    """``class,iou`` rows; a name holding a comma or quote (a custom dataset's) is quoted, CSV-style."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "iou"])
+    w.writerows([n, "" if v is None else f"{v:.6f}"] for n, v in zip(names, class_iou, strict=True))
+    return buf.getvalue()
+
+
 def confusions_csv(hist: np.ndarray, names: Sequence[str], k: int = 20) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -74,8 +83,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         class_iou = s.pop("class_iou")
         dest = out / kind
         write_json(dest / "scores.json", s)
-        write_text(dest / "class_iou.csv", "class,iou\n" + "".join(
-            f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in zip(names, class_iou, strict=True)))
+        write_text(dest / "class_iou.csv", class_iou_csv(names, class_iou))
         write_text(dest / "confusion.csv", "\n".join(",".join(map(str, r)) for r in hist.tolist()) + "\n")
         write_text(dest / "top_confusions.csv", confusions_csv(hist, names))
         plot_confusion(hist, names, dest / "confusion.png")
