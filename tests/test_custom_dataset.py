@@ -269,3 +269,14 @@ def test_custom_params_errors_name_the_key_and_allowed_values(tmp_path, dataset,
     with pytest.raises(ParamsError) as err:
         load_params(_write(tmp_path, dataset))
     assert message in str(err.value)
+
+
+def test_class_names_with_commas_stay_one_csv_column():
+    import csv
+
+    from stages.evaluate import class_iou_csv, metric_key
+
+    text = class_iou_csv(["background", 'car, "parked"', "sky (clear)"], [0.5, None, 0.25])
+    assert list(csv.reader(text.splitlines())) == [["class", "iou"], ["background", "0.500000"],
+                                                   ['car, "parked"', ""], ["sky (clear)", "0.250000"]]
+    assert metric_key('car, "parked"') == "car_ _parked_" and metric_key("road-2.a b") == "road-2.a b"
