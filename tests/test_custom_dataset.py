@@ -242,6 +242,9 @@ def _write(tmp_path: Path, dataset: dict) -> Path:
 
 
 @pytest.mark.parametrize(("dataset", "message"), [
+    ({"name": "custom", "root": "/d", "custom": {"image": "{split}/{id}.jpg"}},
+     "dataset.custom.image: unknown key; did you mean dataset.custom.images? (allowed dataset.custom keys: images, "
+     "labels, split_list, classes, colours, reduce_zero_label, label_map)"),
     ({"name": "coco"}, "dataset.name: unknown dataset 'coco' (allowed: synthetic, voc12, cocostuff10k, "
                        "cocostuff164k, custom)"),
     ({"name": "custom"}, "dataset.name custom needs dataset.root (the dataset folder) and a dataset.custom"),
