@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import difflib
 import math
+import string
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+Byte = Annotated[int, Field(ge=0, le=255)]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -35,8 +37,67 @@ class SyntheticConfig(Section):
     seed: int = 0
 
 
+def placeholders(pattern: str) -> list[str]:
+    """The ``{...}`` field names of a format pattern, in order, repeats kept; ValueError if it is malformed."""
+    return [name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None]
+
+
+class CustomDatasetConfig(Section):
+    """dataset.name custom: the user's own images and labels under dataset.root (README, "Your own dataset")."""
+
+    # Paths under dataset.root with {split} and {id} placeholders, e.g. JPEGImages/{id}.jpg and
+    # SegmentationClass/{id}.png, img_dir/{split}/{id}.jpg and ann_dir/{split}/{id}.png.
+    images: str | None = None
+    labels: str | None = None
+    # A text file per split under dataset.root, e.g. ImageSets/Segmentation/{split}.txt: one id per line, or
+    # '<image> <label>' paths under the root. null: the ids are the files that match `images`.
+    split_list: str | None = None
+    # The dataset.n_classes class names: a list, or a text file of one name per line (relative: under the root).
+    classes: list[str] | str
+    # An RGB colour per class for label maps, overlays and legends; null: the PASCAL VOC palette.
+    colours: list[tuple[Byte, Byte, Byte]] | None = None
+    # mmsegmentation's reduce_zero_label: value 0 is ignored and every other value v becomes v - 1.
+    reduce_zero_label: bool = False
+    # Label value in the files -> class index or dataset.ignore_label, e.g. {11: 255} to ignore a void class;
+    # applied on top of reduce_zero_label.
+    label_map: dict[Byte, Byte] = {}
+
+    @model_validator(mode="after")
+    def _patterns(self) -> CustomDatasetConfig:
+        for key in ("images", "labels", "split_list"):
+            pattern = getattr(self, key)
+            if pattern is None:
+                continue
+            try:
+                names = placeholders(pattern)
+            except ValueError as e:
+                raise ValueError(f"dataset.custom.{key}: {pattern!r} is not a valid pattern ({e})") from None
+            allowed = ("split",) if key == "split_list" else ("split", "id")
+            unknown = [n for n in names if n not in allowed]
+            if unknown:
+                raise ValueError(f"dataset.custom.{key}: unknown placeholder {{{unknown[0]}}} in {pattern!r} "
+                                 f"(allowed: {', '.join('{' + a + '}' for a in allowed)})")
+            if key != "split_list" and "id" not in names:
+                raise ValueError(f"dataset.custom.{key}: {pattern!r} needs an {{id}} placeholder")
+        if (self.images is None) != (self.labels is None):
+            raise ValueError("dataset.custom.images and dataset.custom.labels: give both patterns or neither")
+        if self.split_list is None:
+            if self.images is None or self.labels is None:
+                raise ValueError("dataset.custom: give the images and labels patterns, or a split_list of "
+                                 "'<image> <label>' lines")
+            names = placeholders(self.images)
+            if names.count("id") != 1 or "split" not in names:
+                raise ValueError(f"dataset.custom.images: {self.images!r}: without a split_list the ids are the "
+                                 "files that match it, so it needs {split} and exactly one {id}")
+        elif "split" not in placeholders(self.split_list):
+            raise ValueError(f"dataset.custom.split_list: {self.split_list!r} needs a {{split}} placeholder "
+                             "(one list per split)")
+        return self
+
+
 class DatasetConfig(Section):
-    name: Literal["synthetic", "voc12", "cocostuff10k", "cocostuff164k"] = "synthetic"
+    # One of deeplab.datasets.DATASETS: synthetic, voc12, cocostuff10k, cocostuff164k, custom.
+    name: str = "synthetic"
     # A dataset already on disk: nothing is downloaded, its layout is checked. null: download into data/raw.
     root: str | None = None
     # A mirror serving the archives under their official file names (replaces each official URL's folder).
@@ -52,6 +113,17 @@ class DatasetConfig(Section):
     # COCO-Stuff 10k is evaluated on images and labels warped to a square of this size (reference protocol).
     warp_size: PositiveInt | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Required for dataset.name custom (the root too); read only then.
+    custom: CustomDatasetConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from deeplab.datasets import DATASETS  # the one table of datasets
+
+        if name not in DATASETS:
+            raise ValueError(f"dataset.name: unknown dataset {name!r} (allowed: {', '.join(DATASETS)})")
+        return name
 
     @model_validator(mode="after")
     def _ignore_not_a_class(self) -> DatasetConfig:
@@ -59,6 +131,28 @@ class DatasetConfig(Section):
             raise ValueError(f"dataset.ignore_label ({self.ignore_label}) is a class index: it must be at least "
                              f"dataset.n_classes ({self.n_classes}), e.g. 255, or those pixels would be trained "
                              "and scored as ignored")
+        return self
+
+    @model_validator(mode="after")
+    def _custom_fits(self) -> DatasetConfig:
+        c = self.custom
+        if self.name != "custom":
+            return self
+        if c is None or not self.root:
+            raise ValueError("dataset.name custom needs dataset.root (the dataset folder) and a dataset.custom "
+                             "section (images, labels, classes; README, \"Your own dataset\")")
+        n = self.n_classes
+        if isinstance(c.classes, list) and len(c.classes) != n:
+            raise ValueError(f"dataset.custom.classes: {len(c.classes)} names, but dataset.n_classes is {n}: "
+                             "they must be equal")
+        if c.colours is not None and len(c.colours) != n:
+            raise ValueError(f"dataset.custom.colours: {len(c.colours)} colours, but dataset.n_classes is {n}: "
+                             "give one [r, g, b] per class, or null for the VOC palette")
+        for value, new in c.label_map.items():
+            if new >= n and new != self.ignore_label:
+                raise ValueError(f"dataset.custom.label_map: {value}: {new} is neither a class index "
+                                 f"(0..{n - 1}, dataset.n_classes {n}) nor dataset.ignore_label "
+                                 f"({self.ignore_label})")
         return self
 
 
@@ -261,6 +355,8 @@ def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
+        # An optional section (dataset.custom): its model.
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann

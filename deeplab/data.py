@@ -85,18 +85,25 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read label ({e})") from None
 
 
-def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE) -> str | None:
+def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE,
+                       lut: np.ndarray | None = None) -> str | None:
     """What is wrong with a label map whose values are neither a class (0..n_classes-1) nor ``ignore``, or None.
-    Such values would otherwise drop silently out of the confusion matrix or crash the loss."""
+    Such values would otherwise drop silently out of the confusion matrix or crash the loss. With ``lut`` (file
+    value -> label value, 256 entries) the file values are judged by what they map to."""
     counts = np.bincount(label.ravel(), minlength=256)
-    counts[:n_classes] = 0
-    counts[ignore] = 0
+    if lut is None:
+        counts[:n_classes] = 0
+        counts[ignore] = 0
+    else:
+        counts[(lut < n_classes) | (lut == ignore)] = 0
     bad = np.flatnonzero(counts)
     if not bad.size:
         return None
     shown = ", ".join(map(str, bad[:8])) + (", ..." if bad.size > 8 else "")
+    mapped = "" if lut is None else (" after dataset.custom's label_map / reduce_zero_label (they map to "
+                                     + ", ".join(str(int(v)) for v in lut[bad[:8]]) + ")")
     return (f"label values {shown} ({int(counts.sum())} pixels) are outside the allowed 0..{n_classes - 1} "
-            f"(dataset.n_classes {n_classes}) and {ignore} (dataset.ignore_label)")
+            f"(dataset.n_classes {n_classes}) and {ignore} (dataset.ignore_label){mapped}")
 
 
 def check_label_values(label: np.ndarray, path: str | Path, n_classes: int, ignore: int = IGNORE) -> np.ndarray:
@@ -107,10 +114,10 @@ def check_label_values(label: np.ndarray, path: str | Path, n_classes: int, igno
     return label
 
 
-def write_label(path: str | Path, label: np.ndarray) -> None:
-    """Palette PNG with the VOC colour map, written atomically."""
+def write_label(path: str | Path, label: np.ndarray, colours: np.ndarray | None = None) -> None:
+    """Palette PNG with the VOC colour map (or ``colours``, 256 x 3), written atomically."""
     im = Image.fromarray(label.astype(np.uint8), mode="P")
-    im.putpalette(PALETTE.tobytes())
+    im.putpalette((PALETTE if colours is None else colours).tobytes())
     atomic_save(im, path)
 
 

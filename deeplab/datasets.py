@@ -1,20 +1,33 @@
-"""The datasets DeepLab v2 is measured on, and the synthetic default: where their files are, how a split is
-listed, how labels are decoded, which classes they have, and the preparation each needs."""
+"""Every dataset the pipeline reads, each described once in ``DATASETS``: the archives to download, the layout
+checked under its root, how a split is listed, how its labels decode, its class names, and the preparation it
+needs. The download, prepare and evaluate stages read these entries and nothing else; adding a dataset means
+adding one entry (and its tests).
+
+The labels every stage after prepare reads are palette or grayscale images holding class indices and
+``dataset.ignore_label``; a dataset whose files hold something else (COCO-Stuff 10k's ``.mat``, a custom
+dataset's ``label_map``) is converted into ``data/prepared`` by prepare, after every pair has been checked."""
 
 from __future__ import annotations
 
+import glob
 import logging
+import re
 import shutil
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from deeplab import synthetic
 from deeplab.config import DatasetConfig
 from deeplab.data import (
     IGNORE,
+    PALETTE,
     SYNTHETIC_CLASSES,
     VOC_CLASSES,
     DataError,
@@ -28,10 +41,10 @@ from deeplab.data import (
     write_label,
     write_list,
 )
+from deeplab.download import Archive
 
 log = logging.getLogger(__name__)
 
-# COCO-Stuff label index = COCO category id - 1: 91 thing ids (11 without masks) then 91 stuff classes.
 COCO_STUFF_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
@@ -55,55 +68,80 @@ COCO_STUFF_CLASSES = (
     "water-other", "waterdrops", "window-blind", "window-other", "wood",
 )
 
-CLASS_TABLES: dict[str, Sequence[str]] = {
-    "synthetic": SYNTHETIC_CLASSES,
-    "voc12": VOC_CLASSES,
-    "cocostuff10k": COCO_STUFF_CLASSES,
-    "cocostuff164k": COCO_STUFF_CLASSES,
-}
-
 VOC_DIR = Path("VOCdevkit/VOC2012")
 
-# What must exist under a dataset root (folders end with '/').
-LAYOUT: dict[str, list[str]] = {
-    "synthetic": ["JPEGImages/", "SegmentationClass/", "ImageSets/Segmentation/"],
-    "voc12": [f"{VOC_DIR}/JPEGImages/", f"{VOC_DIR}/SegmentationClassAug/", f"{VOC_DIR}/ImageSets/SegmentationAug/"],
-    "cocostuff10k": ["images/", "annotations/", "imageLists/"],
-    "cocostuff164k": ["images/", "annotations/"],
-}
+
+@dataclass(frozen=True)
+class Dataset:
+    """What the stages know of one dataset. Paths are relative to its root; ``{split}`` stands for the train
+    and validation split names."""
+
+    # Class names, index order; empty: given by the params (dataset.custom.classes).
+    classes: tuple[str, ...]
+    # How a split is listed: (params, root, split) -> its items, label paths as stored (see ``convert``).
+    items: Callable[[DatasetConfig, Path, str], list[Item]]
+    # What must exist under the root (folders end with '/'), checked before anything is read.
+    layout: tuple[str, ...] = ()
+    # Downloaded and extracted, each into its folder, when dataset.root is not set; none: see ``generate``.
+    archives: tuple[Archive, ...] = ()
+    # Made instead of downloaded: (params, root).
+    generate: Callable[[DatasetConfig, Path], None] | None = None
+    # Moves freshly extracted archives into ``layout``: (root).
+    finish: Callable[[Path], None] | None = None
+    # prepare's conversion of a split's items into readable labels under the prepared folder before they are
+    # checked: (params, items, out, split, n_jobs) -> the converted items.
+    convert: Callable[[DatasetConfig, list[Item], Path, str, int], list[Item]] | None = None
 
 
-def class_names(dataset: str, n_classes: int) -> list[str]:
-    table = CLASS_TABLES.get(dataset, ())
+def table_names(table: Sequence[str], n_classes: int) -> list[str]:
+    """The first ``n_classes`` names of a table; indices past its end are named ``class<i>``."""
     return [table[i] if i < len(table) else f"class{i}" for i in range(n_classes)]
 
 
-def check_layout(cfg: DatasetConfig, root: Path) -> None:
-    """Raise naming every expected folder or split list that is missing under ``root``."""
-    if not root.is_dir():
-        raise DataError(f"dataset.root {root}: folder not found")
-    need = list(LAYOUT[cfg.name])
-    for split in (cfg.train_split, cfg.val_split):
-        need.append({"synthetic": f"ImageSets/Segmentation/{split}.txt",
-                     "voc12": f"{VOC_DIR}/ImageSets/SegmentationAug/{split}.txt",
-                     "cocostuff10k": f"imageLists/{split}.txt",
-                     "cocostuff164k": f"images/{split}/"}[cfg.name])
-        if cfg.name == "cocostuff164k":
-            need.append(f"annotations/{split}/")
-    missing = [n for n in dict.fromkeys(need)
-               if not ((root / n).is_dir() if n.endswith("/") else (root / n).is_file())]
-    if missing:
-        kinds = ", ".join(f"{n.rstrip('/')} ({'folder' if n.endswith('/') else 'file'})" for n in missing)
-        raise DataError(f"{cfg.name} dataset at {root} is incomplete: missing {kinds}")
+# --- synthetic: generated in the VOC layout ---------------------------------------------------------------
+
+def _generate_synthetic(cfg: DatasetConfig, root: Path) -> None:
+    s = cfg.synthetic
+    synthetic.generate(root, s.n_train, s.n_val, s.height, s.width, cfg.n_classes, s.seed)
 
 
-def finish_layout(cfg: DatasetConfig, root: Path) -> None:
-    """Move freshly extracted archives into the layout the readers expect."""
+def _synthetic_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    return voc_layout_items(root, split)
+
+
+# --- PASCAL VOC 2012 with SBD's augmented labels ----------------------------------------------------------
+
+def _voc_aug_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    base = root / VOC_DIR
+    listing = base / "ImageSets" / "SegmentationAug" / f"{split}.txt"
+    items = []
+    for n, line in enumerate(listing.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise DataError(f"{listing}:{n}: expected '/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png'")
+        image, label = (base / p.lstrip("/") for p in parts)
+        items.append(Item(image.stem, image, label))
+    check_files(items, f"{cfg.name} split {split!r}")
+    return items
+
+
+def _finish_voc(root: Path) -> None:
     shutil.rmtree(root / VOC_DIR / "__MACOSX", ignore_errors=True)
-    if cfg.name == "voc12" and (root / VOC_DIR / "list").is_dir():
+    if (root / VOC_DIR / "list").is_dir():  # DeepLab's list.zip: list/ -> ImageSets/SegmentationAug/
         dest = root / VOC_DIR / "ImageSets" / "SegmentationAug"
         shutil.rmtree(dest, ignore_errors=True)
         (root / VOC_DIR / "list").rename(dest)
+
+
+# --- COCO-Stuff 10k: .mat labels, warped to squares by prepare --------------------------------------------
+
+def _cocostuff10k_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    ids = (root / "imageLists" / f"{split}.txt").read_text().split()
+    items = [Item(i, root / "images" / f"{i}.jpg", root / "annotations" / f"{i}.mat") for i in ids]
+    check_files(items, f"{cfg.name} split {split!r}")
+    return items
 
 
 def read_mat_label(path: Path) -> np.ndarray:
@@ -119,39 +157,6 @@ def read_mat_label(path: Path) -> np.ndarray:
     label = s.astype(np.int64) - 1  # cast first: S may be uint8 or float64
     label[label < 0] = IGNORE
     return label.astype(np.uint8)
-
-
-def _voc_aug_items(root: Path, split: str) -> list[Item]:
-    base = root / VOC_DIR
-    listing = base / "ImageSets" / "SegmentationAug" / f"{split}.txt"
-    items = []
-    for n, line in enumerate(listing.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2:
-            raise DataError(f"{listing}:{n}: expected '/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png'")
-        image, label = (base / p.lstrip("/") for p in parts)
-        items.append(Item(image.stem, image, label))
-    return items
-
-
-def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
-    """Items of one split; for COCO-Stuff 10k the label is the raw ``.mat`` (prepare converts it)."""
-    if cfg.name == "synthetic":
-        return voc_layout_items(root, split)
-    if cfg.name == "voc12":
-        items = _voc_aug_items(root, split)
-    elif cfg.name == "cocostuff10k":
-        ids = (root / "imageLists" / f"{split}.txt").read_text().split()
-        items = [Item(i, root / "images" / f"{i}.jpg", root / "annotations" / f"{i}.mat") for i in ids]
-    else:
-        images = sorted((root / "images" / split).glob("*.jpg"))
-        items = [Item(p.stem, p, root / "annotations" / split / f"{p.stem}.png") for p in images]
-    if not items:
-        raise DataError(f"{cfg.name} split {split!r} under {root} is empty")
-    check_files(items, f"{cfg.name} split {split!r}")
-    return items
 
 
 def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -176,12 +181,226 @@ def _warp_one(item: Item, size: int, out: Path) -> Item:
     return Item(item.image_id, image_path, label_path)
 
 
+def _warp_cocostuff10k(cfg: DatasetConfig, items: list[Item], out: Path, split: str, n_jobs: int) -> list[Item]:
+    """Images and labels warped to ``dataset.warp_size`` squares (PNG, lossless), as the reference trains and
+    evaluates on them."""
+    if cfg.warp_size is None:
+        raise DataError("dataset.warp_size: COCO-Stuff 10k needs a warp size (513 in the reference)")
+    from joblib import Parallel, delayed  # only this warp runs in parallel
+
+    jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
+    return list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
+                     desc=f"warp {split}", unit="img"))
+
+
+# --- COCO-Stuff 164k: COCO 2017 images, stuffthingmaps PNGs -----------------------------------------------
+
+def _cocostuff164k_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    images = sorted((root / "images" / split).glob("*.jpg"))
+    items = [Item(p.stem, p, root / "annotations" / split / f"{p.stem}.png") for p in images]
+    check_files(items, f"{cfg.name} split {split!r}")
+    return items
+
+
+# --- custom: the user's own files, described by dataset.custom --------------------------------------------
+
+def _under(root: Path, name: str) -> Path:
+    return root / name.lstrip("/")
+
+
+def custom_classes(cfg: DatasetConfig) -> list[str]:
+    """dataset.custom.classes: the list, or the names in its text file (one per line; relative to the root)."""
+    classes = cfg.custom.classes if cfg.custom else []
+    if isinstance(classes, str):
+        path = Path(classes) if Path(classes).is_absolute() or not cfg.root else _under(Path(cfg.root), classes)
+        try:
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read dataset.custom.classes ({type(e).__name__})") from None
+        if len(names) != cfg.n_classes:
+            raise DataError(f"{path}: {len(names)} class names (dataset.custom.classes), but dataset.n_classes is "
+                            f"{cfg.n_classes}: they must be equal")
+        return names
+    return list(classes)
+
+
+def label_lut(cfg: DatasetConfig) -> np.ndarray | None:
+    """File label value -> class index or ignore (256 entries) for a custom dataset that remaps values
+    (dataset.custom.reduce_zero_label, then its label_map on top), or None where the values are used as
+    they are."""
+    c = cfg.custom
+    if cfg.name != "custom" or c is None or not (c.label_map or c.reduce_zero_label):
+        return None
+    lut = np.arange(256, dtype=np.uint8)
+    if c.reduce_zero_label:  # mmsegmentation: 0 is ignored, 1..254 shift down, 255 stays ignored
+        lut[1:255] = np.arange(0, 254)
+        lut[0] = lut[255] = cfg.ignore_label
+    for value, new in c.label_map.items():
+        lut[value] = new
+    return lut
+
+
+def _id_glob(pattern: str, split: str) -> tuple[str, re.Pattern[str]]:
+    """A glob for the files of ``pattern`` (with ``{split}`` filled) and a regex capturing their ``{id}``."""
+    before, after = pattern.format(split=split, id="\0").split("\0")
+    return (glob.escape(before) + "*" + glob.escape(after),
+            re.compile(re.escape(before) + "(.+)" + re.escape(after)))
+
+
+def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    """The ids of ``dataset.custom.split_list`` (one per line, or '<image> <label>' paths), else the files
+    that match the image pattern; missing files are left to prepare's check, which names them all."""
+    c = cfg.custom
+    assert c is not None  # the config requires it for dataset.name custom
+    paths = (lambda i: (_under(root, c.images.format(split=split, id=i)),
+                        _under(root, c.labels.format(split=split, id=i)))) if c.images and c.labels else None
+    items: list[Item] = []
+    if c.split_list:
+        listing = _under(root, c.split_list.format(split=split))
+        if not listing.is_file():
+            raise DataError(f"{listing}: split list of split {split!r} not found (dataset.custom.split_list "
+                            f"{c.split_list!r} under dataset.root {root})")
+        for n, line in enumerate(listing.read_text().splitlines(), 1):
+            parts = line.split()
+            if len(parts) == 1 and paths:
+                items.append(Item(parts[0], *paths(parts[0])))
+            elif len(parts) == 2:
+                image, label = (_under(root, p) for p in parts)
+                items.append(Item(image.stem, image, label))
+            elif parts:
+                want = "'<id>' or '<image> <label>'" if paths else ("'<image> <label>' (one id per line needs "
+                                                                     "dataset.custom.images and labels)")
+                raise DataError(f"{listing}:{n}: expected {want}, got {len(parts)} columns")
+    else:
+        assert paths is not None and c.images is not None  # the config requires patterns without a split list
+        found, id_of = _id_glob(c.images, split)
+        ids = sorted(m.group(1) for p in root.glob(found)
+                     if p.is_file() and (m := id_of.fullmatch(p.relative_to(root).as_posix()))
+                     and not m.group(1).startswith("."))
+        if not ids:
+            raise DataError(f"{cfg.name} split {split!r}: no files match dataset.custom.images {c.images!r} "
+                            f"({found} under {root})")
+        items = [Item(i, *paths(i)) for i in ids]
+    twice = [i for i, n in Counter(it.image_id for it in items).items() if n > 1]
+    if twice:
+        raise DataError(f"{cfg.name} split {split!r}: image id {twice[0]!r} is listed more than once "
+                        f"({len(twice)} such ids; ids name the predictions, so they must be unique)")
+    return items
+
+
+def class_colours(cfg: DatasetConfig) -> list[list[int]] | None:
+    """dataset.custom.colours (an RGB per class), or None for the VOC palette."""
+    colours = cfg.custom.colours if cfg.name == "custom" and cfg.custom else None
+    return [[int(c) for c in rgb] for rgb in colours] if colours else None
+
+
+def colour_table(cfg_or_colours: DatasetConfig | Sequence[Sequence[int]] | None) -> np.ndarray:
+    """256 x 3 uint8 colours of label values: a dataset's class colours (its params', or as the weights'
+    metadata records them) over the VOC palette."""
+    colours = class_colours(cfg_or_colours) if isinstance(cfg_or_colours, DatasetConfig) else cfg_or_colours
+    if not colours:
+        return PALETTE
+    table = PALETTE.copy()
+    table[:len(colours)] = np.asarray(colours, np.uint8)
+    return table
+
+
+DATASETS: dict[str, Dataset] = {
+    # The embedded default: generated from dataset.synthetic, in the PASCAL VOC layout.
+    "synthetic": Dataset(
+        classes=SYNTHETIC_CLASSES,
+        items=_synthetic_items,
+        layout=("JPEGImages/", "SegmentationClass/", "ImageSets/Segmentation/", "ImageSets/Segmentation/{split}.txt"),
+        generate=_generate_synthetic,
+    ),
+    # PASCAL VOC 2012 images with SBD's augmented labels (grayscale PNGs) and DeepLab's train_aug / val lists.
+    "voc12": Dataset(
+        classes=VOC_CLASSES,
+        items=_voc_aug_items,
+        layout=(f"{VOC_DIR}/JPEGImages/", f"{VOC_DIR}/SegmentationClassAug/", f"{VOC_DIR}/ImageSets/SegmentationAug/",
+                f"{VOC_DIR}/ImageSets/SegmentationAug/{{split}}.txt"),
+        archives=(
+            Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar", ".",
+                    md5="6cd6e144f989b92b3379bac3b3de84fd", size=1_999_639_040),
+            # SBD-augmented labels as distributed by DrSleep (no checksum published).
+            Archive("https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1", str(VOC_DIR)),
+            # DeepLab's train_aug / val lists (folder list/ -> ImageSets/SegmentationAug/).
+            Archive("https://github.com/kazuto1011/deeplab-pytorch/files/2945588/list.zip", str(VOC_DIR)),
+        ),
+        finish=_finish_voc,
+    ),
+    # COCO-Stuff 10k v1.1: labels are .mat files (S - 1, unlabeled 255), warped with the images to squares.
+    "cocostuff10k": Dataset(
+        classes=COCO_STUFF_CLASSES,
+        items=_cocostuff10k_items,
+        layout=("images/", "annotations/", "imageLists/", "imageLists/{split}.txt"),
+        archives=(Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
+                          "cocostuff-10k-v1.1.zip"),),
+        convert=_warp_cocostuff10k,
+    ),
+    # COCO-Stuff 164k: COCO 2017 images, stuffthingmaps grayscale PNGs (0..181, 255), a folder per split.
+    "cocostuff164k": Dataset(
+        classes=COCO_STUFF_CLASSES,
+        items=_cocostuff164k_items,
+        layout=("images/", "annotations/", "images/{split}/", "annotations/{split}/"),
+        archives=(
+            Archive("http://images.cocodataset.org/zips/train2017.zip", "images",
+                    md5="cced6f7f71b7629ddf16f17bbcfab6b2", sha1="10ad623668ab00c62c096f0ed636d6aff41faca5",
+                    size=19_336_861_798),
+            Archive("http://images.cocodataset.org/zips/val2017.zip", "images",
+                    md5="442b8da7639aecaf257c1dceb8ba8c80", sha1="4950dc9d00dbe1c933ee0170f5797584351d2a41",
+                    size=815_585_330),
+            Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
+                    "stuffthingmaps_trainval2017.zip", "annotations"),
+        ),
+    ),
+    # The user's own files under dataset.root, described by dataset.custom (README, "Your own dataset").
+    "custom": Dataset(classes=(), items=_custom_items),
+}
+
+
+def class_names(cfg: DatasetConfig) -> list[str]:
+    """The ``dataset.n_classes`` class names of the configured dataset."""
+    table = DATASETS[cfg.name].classes
+    return table_names(table, cfg.n_classes) if table else custom_classes(cfg)
+
+
+def check_layout(cfg: DatasetConfig, root: Path) -> None:
+    """Raise naming every expected folder or split list that is missing under ``root``."""
+    if not root.is_dir():
+        raise DataError(f"dataset.root {root}: folder not found")
+    layout = DATASETS[cfg.name].layout
+    splits = dict.fromkeys((cfg.train_split, cfg.val_split))
+    need = [n for n in layout if "{split}" not in n] + [n.format(split=s) for s in splits for n in layout
+                                                          if "{split}" in n]
+    missing = [n for n in dict.fromkeys(need)
+               if not ((root / n).is_dir() if n.endswith("/") else (root / n).is_file())]
+    if missing:
+        kinds = ", ".join(f"{n.rstrip('/')} ({'folder' if n.endswith('/') else 'file'})" for n in missing)
+        raise DataError(f"{cfg.name} dataset at {root} is incomplete: missing {kinds}")
+
+
+def finish_layout(cfg: DatasetConfig, root: Path) -> None:
+    """Move freshly extracted archives into the layout the readers expect."""
+    finish = DATASETS[cfg.name].finish
+    if finish is not None:
+        finish(root)
+
+
+def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    """Items of one split, labels as stored (for COCO-Stuff 10k the raw ``.mat``: prepare converts it)."""
+    items = DATASETS[cfg.name].items(cfg, root, split)
+    if not items:
+        raise DataError(f"{cfg.name} split {split!r} under {root} is empty")
+    return items
+
+
 MAX_REPORTED = 20  # bad pairs listed in one error
 
 
-def pair_problem(item: Item, n_classes: int, ignore: int) -> str | None:
-    """What is wrong with one image/label pair (missing, unreadable, sizes differ, label values out of range),
-    or None. The image is read to its header only; the label is decoded."""
+def pair_problem(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None = None) -> str | None:
+    """What is wrong with one image/label pair (missing, unreadable, sizes differ, label values out of range
+    after ``lut``), or None. The image is read to its header only; the label is decoded."""
     try:
         with Image.open(item.image) as im:
             w, h = im.size
@@ -197,31 +416,39 @@ def pair_problem(item: Item, n_classes: int, ignore: int) -> str | None:
         return str(e)
     if label.shape != (h, w):
         return f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}"
-    problem = label_values_error(label, n_classes, ignore)
+    problem = label_values_error(label, n_classes, ignore, lut)
     return f"{item.label}: {problem}" if problem else None
 
 
-def _problems(chunk: Sequence[Item], n_classes: int, ignore: int) -> list[str]:
-    return [msg for it in chunk if (msg := pair_problem(it, n_classes, ignore))]
+def _problems(chunk: Sequence[Item], n_classes: int, ignore: int, lut: np.ndarray | None) -> list[str]:
+    return [msg for it in chunk if (msg := pair_problem(it, n_classes, ignore, lut))]
 
 
-def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n_jobs: int = -1) -> list[str]:
-    """Every pair checked once, in parallel (with a progress bar); returns the problems found."""
+def _chunked(items: Sequence[Item], work: Callable[[Sequence[Item]], list], desc: str, unit: str,
+             n_jobs: int) -> list:
+    """``work`` over chunks of ``items``, in joblib workers past a thousand items, with a progress bar; the
+    chunks' results concatenated in order."""
     size = max(1, min(256, -(-len(items) // 16)))
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
     if len(items) > 1000:
         from joblib import Parallel, delayed
 
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(_problems)(c, n_classes, ignore) for c in chunks)
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(work)(c) for c in chunks)
     else:  # a few hundred small pairs are quicker in this process than starting workers
-        results = (_problems(c, n_classes, ignore) for c in chunks)
-    bad: list[str] = []
-    with tqdm(total=len(items), desc=f"check {what}", unit="pair") as bar:
+        results = (work(c) for c in chunks)
+    out: list = []
+    with tqdm(total=len(items), desc=desc, unit=unit) as bar:
         for chunk, found in zip(chunks, results, strict=True):
-            bad += found
+            out += found
             bar.update(len(chunk))
-    return bad
+    return out
+
+
+def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n_jobs: int = -1,
+                lut: np.ndarray | None = None) -> list[str]:
+    """Every pair checked once, in parallel (with a progress bar); returns the problems found."""
+    return _chunked(items, partial(_problems, n_classes=n_classes, ignore=ignore, lut=lut), f"check {what}",
+                    "pair", n_jobs)
 
 
 def bad_pairs_error(bad: Sequence[str], n_items: int, what: str) -> DataError:
@@ -230,28 +457,38 @@ def bad_pairs_error(bad: Sequence[str], n_items: int, what: str) -> DataError:
     return DataError(f"{what}: {len(bad)} of {n_items} image/label pairs are bad:\n  {shown}{more}")
 
 
+def _remap(chunk: Sequence[Item], lut: np.ndarray, folder: Path) -> list[Item]:
+    out = []
+    for it in chunk:
+        path = folder / f"{it.image_id}.png"
+        write_label(path, lut[read_label(it.label)])
+        out.append(Item(it.image_id, it.image, path))
+    return out
+
+
 def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict[str, int]:
     """Write ``out/<split>.txt`` for the train and val splits once every pair of both has been checked (see
-    ``check_pairs``). COCO-Stuff 10k images and labels are warped to ``dataset.warp_size`` squares (PNG, lossless)
-    under ``out`` first, since the reference trains and evaluates on them. Returns the item count per split."""
+    ``check_pairs``), after the dataset's conversion (``Dataset.convert``, e.g. COCO-Stuff 10k's warp). Labels
+    whose values a custom dataset remaps are written remapped under ``out/labels/<split>/`` once all pairs
+    are good. Returns the item count per split."""
+    ds = DATASETS[cfg.name]
     check_layout(cfg, root)
+    class_names(cfg)  # a custom class file that does not fit fails here, before any image is read
+    lut = label_lut(cfg)
     splits: dict[str, list[Item]] = {}
     bad: list[str] = []
     for split in dict.fromkeys((cfg.train_split, cfg.val_split)):
         items = split_items(cfg, root, split)
-        if cfg.name == "cocostuff10k":
-            if cfg.warp_size is None:
-                raise DataError("dataset.warp_size: COCO-Stuff 10k needs a warp size (513 in the reference)")
-            from joblib import Parallel, delayed  # only this warp runs in parallel
-
-            jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
-            items = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
-                              desc=f"warp {split}", unit="img"))
-        bad += check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}", n_jobs)
+        if ds.convert is not None:
+            items = ds.convert(cfg, items, out, split, n_jobs)
+        bad += check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}", n_jobs, lut)
         splits[split] = items
     if bad:
         raise bad_pairs_error(bad, sum(map(len, splits.values())), f"{cfg.name} dataset at {root}")
     for split, items in splits.items():
+        if lut is not None:
+            items = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",
+                             "label", n_jobs)
         write_list(out / f"{split}.txt", items)
         log.info("%s split %s: %d images", cfg.name, split, len(items))
     return {split: len(items) for split, items in splits.items()}

@@ -1,6 +1,7 @@
 """Downloads and extraction, shared by the dataset and the caffemodel stages.
 
-One table (``SOURCES``) holds every archive's URL and known checksums. ``fetch`` resumes an interrupted
+Each dataset's archives (URL and known checksums) are in its entry of ``deeplab.datasets.DATASETS``; the
+other downloads are in ``SOURCES``. ``fetch`` resumes an interrupted
 download with an HTTP Range request, retries transient failures with backoff, shows size and speed, and
 moves the file into place only after it is verified. Where no checksum is published, the size and SHA-256
 seen on the first download are recorded (``recorded.json`` beside the archives) and later downloads must
@@ -21,7 +22,6 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from deeplab import synthetic
 from deeplab.config import DatasetConfig
 from deeplab.files import file_hash, write_json
 
@@ -42,28 +42,8 @@ class Archive:
         return self.url.split("?")[0].rstrip("/").split("/")[-1]
 
 
+# Downloads other than datasets (whose archives are in deeplab.datasets.DATASETS).
 SOURCES: dict[str, list[Archive]] = {
-    "voc12": [
-        Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar", ".",
-                md5="6cd6e144f989b92b3379bac3b3de84fd", size=1_999_639_040),
-        # SBD-augmented labels as distributed by DrSleep (no checksum published).
-        Archive("https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1", "VOCdevkit/VOC2012"),
-        # DeepLab's train_aug / val lists (folder list/ -> ImageSets/SegmentationAug/).
-        Archive("https://github.com/kazuto1011/deeplab-pytorch/files/2945588/list.zip", "VOCdevkit/VOC2012"),
-    ],
-    "cocostuff10k": [
-        Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/cocostuff-10k-v1.1.zip"),
-    ],
-    "cocostuff164k": [
-        Archive("http://images.cocodataset.org/zips/train2017.zip", "images",
-                md5="cced6f7f71b7629ddf16f17bbcfab6b2", sha1="10ad623668ab00c62c096f0ed636d6aff41faca5",
-                size=19_336_861_798),
-        Archive("http://images.cocodataset.org/zips/val2017.zip", "images",
-                md5="442b8da7639aecaf257c1dceb8ba8c80", sha1="4950dc9d00dbe1c933ee0170f5797584351d2a41",
-                size=815_585_330),
-        Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
-                "stuffthingmaps_trainval2017.zip", "annotations"),
-    ],
     "caffemodel": [
         Archive("http://liangchiehchen.com/projects/released/deeplab_aspp_resnet101/prototxt_and_model.zip"),
     ],
@@ -194,21 +174,25 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
     """Produce the dataset under ``out``: generated (synthetic), checked in place (``dataset.root`` set), or
     downloaded, verified and extracted. Work happens in a temporary sibling folder that replaces ``out`` only
     when complete, so an interrupted or failed stage never leaves a half-made ``out``."""
-    from deeplab.datasets import check_layout, finish_layout
+    from deeplab.datasets import DATASETS, check_layout, class_names, finish_layout
 
+    ds = DATASETS[cfg.name]
+    class_names(cfg)  # a custom dataset's class file that does not fit fails here, before anything is made
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.name == "synthetic":
-        s = cfg.synthetic
-        synthetic.generate(tmp, s.n_train, s.n_val, s.height, s.width, cfg.n_classes, s.seed)
+    if ds.generate is not None:
+        ds.generate(cfg, tmp)
     elif cfg.root:
         root = Path(cfg.root)
         check_layout(cfg, root)
         tmp.mkdir(parents=True)
         write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
         log.info("using the %s dataset already at %s; nothing downloaded", cfg.name, root)
+    elif not ds.archives:
+        raise DownloadError(f"dataset.root: the {cfg.name} dataset has nothing to download; set it to the "
+                            "dataset's folder")
     else:
-        for archive in SOURCES[cfg.name]:
+        for archive in ds.archives:
             path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename))
             log.info("extracting %s", path.name)
             extract(path, tmp / archive.into)

@@ -159,7 +159,7 @@ SHAPE_KEYS = ("n_classes", "n_blocks", "width", "atrous_rates")
 
 def weights_file(state: dict[str, torch.Tensor], *, n_classes: int, n_blocks: Sequence[int], width: int,
                  atrous_rates: Sequence[int], scales: Sequence[float], class_names: Sequence[str], dataset: str,
-                 mean_bgr: Sequence[float]) -> dict:
+                 mean_bgr: Sequence[float], colours: Sequence[Sequence[int]] | None = None) -> dict:
     """What train saves: the state dict under ``model`` and, under ``deeplab``, what rebuilding and feeding the
     model needs, so hub, predict and init load it by path alone."""
     if len(class_names) != n_classes:
@@ -168,6 +168,8 @@ def weights_file(state: dict[str, torch.Tensor], *, n_classes: int, n_blocks: Se
             "width": int(width), "atrous_rates": [int(r) for r in atrous_rates], "scales": [float(s) for s in scales],
             "class_names": [str(c) for c in class_names], "dataset": str(dataset), "input": INPUT_CONVENTION,
             "mean_bgr": [float(m) for m in mean_bgr]}
+    if colours:  # a custom dataset's class colours, for predict's label maps and legends
+        meta["colours"] = [[int(c) for c in rgb] for rgb in colours]
     return {"model": state, META_KEY: meta}
 
 

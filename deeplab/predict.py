@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from deeplab.config import PARAMS_FILE, CrfConfig, Params, ParamsError, default_params, load_params
 from deeplab.data import DataError, atomic_save, read_image, write_label
-from deeplab.datasets import CLASS_TABLES, class_names
+from deeplab.datasets import DATASETS, class_names, colour_table
 from deeplab.infer import predict_logits, upsample_argmax, upsample_probs
 from deeplab.loader import to_input
 from deeplab.models import MSC, build_model, conflicts, read_weights_file
@@ -85,10 +85,11 @@ def resolve_params(path: Path | None = None, dataset: str | None = None, n_class
         return p
     data = p.model_dump()
     if dataset is not None:
-        if dataset not in CLASS_TABLES:
-            raise ParamsError(f"--dataset: expected one of {', '.join(CLASS_TABLES)}, got {dataset!r}")
+        tables = {name: d.classes for name, d in DATASETS.items() if d.classes}  # custom: names from the params
+        if dataset not in tables:
+            raise ParamsError(f"--dataset: expected one of {', '.join(tables)}, got {dataset!r}")
         if n_classes is None and dataset != p.dataset.name:
-            n_classes = len(CLASS_TABLES[dataset])
+            n_classes = len(tables[dataset])
         data["dataset"]["name"] = dataset
     if n_classes is not None:
         data["dataset"]["n_classes"] = n_classes
@@ -135,7 +136,7 @@ def with_metadata(path: Path, meta: dict | None, p: Params, dataset: str | None 
     the class names for legends. ``dataset`` / ``n_classes`` (the command-line options, None if not given) must
     agree with the metadata; without metadata the params alone say it all."""
     if meta is None:
-        return p, class_names(p.dataset.name, p.dataset.n_classes)
+        return p, class_names(p.dataset)
     clash = [("--n-classes", have, given) for _, have, given in conflicts(meta, n_classes=n_classes)]
     if dataset is not None and dataset != meta["dataset"]:
         clash.append(("--dataset", meta["dataset"], dataset))
@@ -145,7 +146,7 @@ def with_metadata(path: Path, meta: dict | None, p: Params, dataset: str | None 
     data = p.model_dump()
     data["model"].update({k: meta[k] for k in ("n_blocks", "width", "atrous_rates", "scales")})
     data["dataset"].update(n_classes=meta["n_classes"], mean_bgr=meta["mean_bgr"])
-    if meta["dataset"] in CLASS_TABLES:
+    if DATASETS.get(meta["dataset"]) and DATASETS[meta["dataset"]].classes:  # custom needs its dataset.custom
         data["dataset"]["name"] = meta["dataset"]
     return Params.model_validate(data), list(meta["class_names"])
 
@@ -203,11 +204,13 @@ def predict_label(model: MSC, rgb: np.ndarray, mean_bgr: Sequence[float], device
     return label
 
 
-def write_outputs(out: Path, stem: str, rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> tuple[Path, Path]:
-    """``<stem>_label.png`` (palette PNG, VOC colours) and ``<stem>_overlay.png``, both written atomically."""
+def write_outputs(out: Path, stem: str, rgb: np.ndarray, label: np.ndarray, names: Sequence[str],
+                  colours: np.ndarray | None = None) -> tuple[Path, Path]:
+    """``<stem>_label.png`` (palette PNG, VOC colours or ``colours``) and ``<stem>_overlay.png``, both written
+    atomically."""
     label_path, overlay_path = out / f"{stem}_label.png", out / f"{stem}_overlay.png"
-    write_label(label_path, label)
-    atomic_save(overlay(rgb, label, names), overlay_path)
+    write_label(label_path, label, colours)
+    atomic_save(overlay(rgb, label, names, colours=colours), overlay_path)
     return label_path, overlay_path
 
 
@@ -230,13 +233,14 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
     state, meta = read_weights(weights, p)
     p, names = with_metadata(weights, meta, p, dataset, n_classes)
     model = fit_model(weights, state, p).to(dev)
+    colours = colour_table(meta.get("colours") if meta else p.dataset)
     amp = p.logits.amp and dev.type == "cuda"
     failed = len(errors)
     for path, stem in zip(paths, output_stems(paths), strict=True):
         try:
             rgb = read_image(path)
             label = predict_label(model, rgb, p.dataset.mean_bgr, dev, max_size, p.crf if crf else None, amp)
-            label_path, overlay_path = write_outputs(out, stem, rgb, label, names)
+            label_path, overlay_path = write_outputs(out, stem, rgb, label, names, colours)
         except DataError as e:  # names the file already
             warn(str(e))
             failed += 1

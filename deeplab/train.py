@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
 from deeplab.data import IGNORE, DataError
-from deeplab.datasets import class_names
+from deeplab.datasets import class_colours, class_names
 from deeplab.files import atomic_path, file_hash, fingerprint, save_torch
 from deeplab.loader import Augment, DrawSampler, SegmentationDataset, worker_error
 from deeplab.models import build_model, freeze_bn, load_weights, refusal_message, weights_file
@@ -325,8 +325,8 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         # The model config travels with the weights: hub, predict and init rebuild the model from the file alone.
         save_torch(weights_file(model.state_dict(), n_classes=dcfg.n_classes, n_blocks=mcfg.n_blocks,
                                 width=mcfg.width, atrous_rates=mcfg.atrous_rates, scales=mcfg.scales,
-                                class_names=class_names(dcfg.name, dcfg.n_classes), dataset=dcfg.name,
-                                mean_bgr=dcfg.mean_bgr), out_weights)
+                                class_names=class_names(dcfg), dataset=dcfg.name,
+                                mean_bgr=dcfg.mean_bgr, colours=class_colours(dcfg)), out_weights)
     if dist.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -19,8 +19,9 @@ from deeplab.files import atomic_path
 GRID_PIXELS = 400_000
 
 
-def colorize(label: np.ndarray) -> np.ndarray:
-    return PALETTE[label]
+def colorize(label: np.ndarray, colours: np.ndarray | None = None) -> np.ndarray:
+    """RGB of a label map: ``colours`` (256 x 3, a dataset's own, ``datasets.colour_table``) or the VOC palette."""
+    return (PALETTE if colours is None else colours)[label]
 
 
 def _pyplot():
@@ -130,10 +131,12 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def legend(entries: Sequence[tuple[int, str]], width: int, font_size: int = 12) -> Image.Image:
+def legend(entries: Sequence[tuple[int, str]], width: int, font_size: int = 12,
+           colours: np.ndarray | None = None) -> Image.Image:
     """A white strip of colour swatches and class names, flowed into rows at most ``width`` wide (wider only
     if a single entry is)."""
     font = _font(font_size)
+    table = PALETTE if colours is None else colours
     pad, gap = max(4, font_size // 2), font_size
     swatch = font_size
     sizes = [swatch + pad // 2 + int(np.ceil(font.getlength(name))) for _, name in entries]
@@ -153,19 +156,19 @@ def legend(entries: Sequence[tuple[int, str]], width: int, font_size: int = 12) 
         x, y = pad, pad + r * line
         for i in row:
             index, name = entries[i]
-            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in PALETTE[index]),
+            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in table[index]),
                            outline=(128, 128, 128))
             draw.text((x + swatch + pad // 2, y + swatch / 2), name, fill="black", font=font, anchor="lm")
             x += sizes[i] + gap
     return strip
 
 
-def _fit(panel: np.ndarray, size: tuple[int, int]) -> Image.Image:
+def _fit(panel: np.ndarray, size: tuple[int, int], colours: np.ndarray | None = None) -> Image.Image:
     """An RGB image (H, W, 3) or a label map (H, W) as an RGB PIL image of ``size`` (w, h); labels are resized
     nearest-neighbour so their colours stay exact."""
     if panel.ndim == 2:
         im = Image.fromarray(panel.astype(np.uint8), mode="P")
-        im.putpalette(PALETTE.tobytes())
+        im.putpalette((PALETTE if colours is None else colours).tobytes())
         resample = Image.Resampling.NEAREST
     else:
         im = Image.fromarray(panel)
@@ -176,17 +179,17 @@ def _fit(panel: np.ndarray, size: tuple[int, int]) -> Image.Image:
 
 
 def overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str], alpha: float = 0.5,
-            max_side: int | None = 1024) -> Image.Image:
+            max_side: int | None = 1024, colours: np.ndarray | None = None) -> Image.Image:
     """Side by side: the image | the image blended with the colour mask, above a legend of the classes present.
     Panels are shrunk to ``max_side`` (the label PNG keeps full resolution)."""
     h, w = label.shape
     s = min(1.0, max_side / max(h, w)) if max_side else 1.0
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    image, mask = _fit(rgb, size), _fit(label, size)
+    image, mask = _fit(rgb, size), _fit(label, size, colours)
     blend = Image.blend(image, mask, alpha)
     gap = max(2, size[0] // 100)
     font_size = int(np.clip(round((2 * size[0] + gap) / 60), 11, 24))
-    strip = legend(present_classes(label, names), 2 * size[0] + gap, font_size)
+    strip = legend(present_classes(label, names), 2 * size[0] + gap, font_size, colours)
     canvas = Image.new("RGB", (max(strip.width, 2 * size[0] + gap), size[1] + strip.height), "white")
     canvas.paste(image, (0, 0))
     canvas.paste(blend, (size[0] + gap, 0))
@@ -195,7 +198,7 @@ def overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str], alpha: flo
 
 
 def examples_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], columns: Sequence[str], names: Sequence[str],
-                  cell: int = 192) -> Image.Image:
+                  cell: int = 192, colours: np.ndarray | None = None) -> Image.Image:
     """One row per example: its id, then its panels (an RGB image (H, W, 3) or a label map (H, W) each), under
     the column titles, above a legend of the classes in any label panel. Panels are shrunk (never enlarged)
     to fit ``cell`` pixels, less when many rows would exceed ``GRID_PIXELS``."""
@@ -218,7 +221,7 @@ def examples_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], columns: Seq
     labels = [p for _, panels in rows for p in panels if p.ndim == 2]
     present = present_classes(np.concatenate([np.unique(p) for p in labels]) if labels else np.zeros(0, np.uint8),
                               names)
-    strip = legend(present, width)
+    strip = legend(present, width, colours=colours)
     canvas = Image.new("RGB", (max(width, strip.width), height + strip.height), "white")
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(columns):
@@ -227,7 +230,7 @@ def examples_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], columns: Seq
     for (image_id, panels), (w, h) in zip(rows, sizes, strict=True):
         draw.text((pad, y + h / 2), image_id, fill="black", font=font, anchor="lm")
         for c, panel in enumerate(panels):
-            canvas.paste(_fit(panel, (w, h)), (id_w + c * (col_w + pad) + (col_w - w) // 2, y))
+            canvas.paste(_fit(panel, (w, h), colours), (id_w + c * (col_w + pad) + (col_w - w) // 2, y))
         y += h + pad
     canvas.paste(strip, (0, height))
     return canvas
@@ -239,11 +242,11 @@ def save_compact_png(im: Image.Image, path: Path) -> None:
 
 
 def plot_examples(rows: Sequence[tuple[str, Sequence[np.ndarray]]], columns: Sequence[str], names: Sequence[str],
-                  path: Path, cell: int = 192) -> None:
+                  path: Path, cell: int = 192, colours: np.ndarray | None = None) -> None:
     """``examples_grid`` saved as a compact PNG; with no rows, a small note saying so (the file is a DVC
     output and must exist)."""
     if rows:
-        im = examples_grid(rows, columns, names, cell)
+        im = examples_grid(rows, columns, names, cell, colours)
     else:
         im = Image.new("RGB", (320, 40), "white")
         ImageDraw.Draw(im).text((160, 20), "no examples (evaluate.n_examples: 0)", fill="black", font=_font(12),

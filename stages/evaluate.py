@@ -1,6 +1,7 @@
 import csv
 import io
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,7 @@ import typer
 
 from deeplab.config import load_params
 from deeplab.data import Item, read_image, read_label, read_list
-from deeplab.datasets import class_names
+from deeplab.datasets import class_names, colour_table
 from deeplab.files import write_json, write_text
 from deeplab.metrics import accumulate, scores
 from deeplab.stage import command
@@ -34,6 +35,20 @@ def shown_kinds(kind: str, predictions: Path) -> list[str]:
 def example_rows(items: Sequence[Item], predictions: Path, kinds: Sequence[str]) -> list[tuple[str, list[np.ndarray]]]:
     return [(it.image_id, [read_image(it.image), read_label(it.label),
                            *(read_label(predictions / k / f"{it.image_id}.png") for k in kinds)]) for it in items]
+
+
+def metric_key(name: str) -> str:
+    """A class name as MLflow accepts it in a metric name (a custom dataset's names may hold any character)."""
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def class_iou_csv(names: Sequence[str], class_iou: Sequence[float | None]) -> str:
+    """``class,iou`` rows; a name holding a comma or quote (a custom dataset's) is quoted, CSV-style."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "iou"])
+    w.writerows([n, "" if v is None else f"{v:.6f}"] for n, v in zip(names, class_iou, strict=True))
+    return buf.getvalue()
 
 
 def confusions_csv(hist: np.ndarray, names: Sequence[str], k: int = 20) -> str:
@@ -65,21 +80,22 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         items = read_list(lists / f"{d.val_split}.txt")[:p.crf.subset]  # the images the crf stage saw
         hist = accumulate(items, predictions / kind, d.n_classes, d.ignore_label)
         s = scores(hist)
-        names = class_names(d.name, d.n_classes)
+        names = class_names(d)
         class_iou = s.pop("class_iou")
         dest = out / kind
         write_json(dest / "scores.json", s)
-        write_text(dest / "class_iou.csv", "class,iou\n" + "".join(
-            f"{n},{'' if v is None else f'{v:.6f}'}\n" for n, v in zip(names, class_iou, strict=True)))
+        write_text(dest / "class_iou.csv", class_iou_csv(names, class_iou))
         write_text(dest / "confusion.csv", "\n".join(",".join(map(str, r)) for r in hist.tolist()) + "\n")
         write_text(dest / "top_confusions.csv", confusions_csv(hist, names))
         plot_confusion(hist, names, dest / "confusion.png")
         plot_class_iou(class_iou, names, dest / "class_iou.png", s["mean_iou"])
         kinds = shown_kinds(kind, predictions)
         plot_examples(example_rows(items[:p.evaluate.n_examples], predictions, kinds),
-                      ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png")
+                      ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png",
+                      colours=colour_table(d))
         mlflow.log_metrics({f"{kind}_{k}": v for k, v in s.items()})
-        mlflow.log_metrics({f"{kind}_iou_{n}": v for n, v in zip(names, class_iou, strict=True) if v is not None})
+        mlflow.log_metrics({f"{kind}_iou_{metric_key(n)}": v for n, v in zip(names, class_iou, strict=True)
+                            if v is not None})
         mlflow.log_artifacts(str(dest), artifact_path=f"metrics/{kind}")
         log.info("%s: mean IoU %.4f, pixel accuracy %.4f -> %s", kind, s["mean_iou"], s["pixel_accuracy"], dest)
 

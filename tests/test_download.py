@@ -9,7 +9,7 @@ import pytest
 
 from deeplab.config import DatasetConfig
 from deeplab.data import DataError, read_label
-from deeplab.datasets import check_layout, class_names, read_mat_label, split_items
+from deeplab.datasets import DATASETS, check_layout, class_names, read_mat_label, split_items
 from deeplab.download import SOURCES, Archive, DownloadError, download, extract, fetch, fetch_dataset
 from tests.official_layouts import (
     ArchiveServer,
@@ -28,10 +28,12 @@ def server():
 
 
 def test_sources_table_holds_every_dataset_once():
-    assert set(SOURCES) == {"voc12", "cocostuff10k", "cocostuff164k", "caffemodel"}
-    voc = SOURCES["voc12"][0]
+    # Each dataset's archives are in its one entry; SOURCES holds the other downloads only.
+    assert {n for n, d in DATASETS.items() if d.archives} == {"voc12", "cocostuff10k", "cocostuff164k"}
+    assert "caffemodel" in SOURCES and not set(SOURCES) & set(DATASETS)
+    voc = DATASETS["voc12"].archives[0]
     assert voc.filename == "VOCtrainval_11-May-2012.tar" and voc.md5 == "6cd6e144f989b92b3379bac3b3de84fd"
-    assert SOURCES["voc12"][1].filename == "SegmentationClassAug.zip"  # query string dropped
+    assert DATASETS["voc12"].archives[1].filename == "SegmentationClassAug.zip"  # query string dropped
 
 
 def test_resume_after_connection_drop(server, tmp_path):
@@ -138,7 +140,7 @@ def test_voc_download_extract_and_read(server, tmp_path, voc_fixtures):
     assert set(np.unique(real).tolist()) == {0, 1, 15, 255}
     assert np.array_equal(real, read_label(voc_fixtures / "SegmentationClass" / "2007_000032.png"))
     assert by_id["2007_000032"].label.parent.name == "SegmentationClassAug"
-    assert class_names("voc12", 21)[15] == "person"
+    assert class_names(cfg)[15] == "person"
 
 
 def test_dataset_root_with_missing_folder_is_named(server, tmp_path):
@@ -197,4 +199,4 @@ def test_cocostuff164k_labels(server, tmp_path):
     val = split_items(cfg, root, "val2017")
     assert [it.image_id for it in val] == sorted(it.image_id for it in val) and len(val) == 3
     assert set(np.unique(read_label(val[0].label)).tolist()) == {0, 181, 255}
-    assert class_names("cocostuff164k", 182)[181] == "wood"
+    assert class_names(cfg)[181] == "wood"
