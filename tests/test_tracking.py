@@ -1,5 +1,6 @@
 """deeplab.tracking on a real SQLite store, read back with MlflowClient: run status when a stage fails or is
-killed, parent runs per pipeline execution, the experiment kind the MLflow UI opens on.
+killed, parent runs per pipeline execution and what they carry (params, results, dataset), the experiment kind
+the MLflow UI opens on.
 
 Stages are real processes: a tiny typer command (deeplab.stage.command, as every stage) that loads a params
 file, enters stage_run and then succeeds, raises, or blocks until killed.
@@ -7,6 +8,7 @@ file, enters stage_run and then succeeds, raises, or blocks until killed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,9 +34,13 @@ STAGE = textwrap.dedent("""
 
     def main(stage: str, action: str, params: Path = Path("params.yaml")) -> None:
         p = load_params(params)
-        with stage_run(stage, p, params):
+        with stage_run(stage, p, params) as run:
             if action == "fail":
                 raise ValueError("the stage failed")
+            if action == "results":
+                run.log_results({"raw_mean_iou": 0.75, "raw_pixel_accuracy": 0.875})
+                run.log_dataset("synthetic", "0123456789abcdef0123456789abcdef.dir", {"uri": "file:///data"},
+                                {"train": 12, "val": 4})
             if action == "block":
                 print("running", flush=True)
                 time.sleep(600)
@@ -214,3 +220,43 @@ def test_process_start_tells_live_from_gone():
     proc.kill()
     proc.wait()
     assert process_start(proc.pid) is None and start is not None
+
+
+def test_parent_carries_the_params_that_tell_executions_apart(store):
+    res = _stage(store, "download")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (parent,) = _runs(store, "pipeline")
+    params, tiny = parent.data.params, tiny_params()
+    assert params["dataset.name"] == "synthetic" and params["dataset.synthetic.n_train"] == "12"
+    assert params["model.n_blocks"] == "[1, 1, 1, 1]" and params["model.width"] == "8"
+    assert params["init.source"] == tiny["init"]["source"] and params["train.lr"] == str(tiny["train"]["lr"])
+    assert params["crf.bi_w"] == str(tiny["crf"]["bi_w"])
+    assert not [k for k in params if k.split(".")[0] not in ("dataset", "model", "init", "train", "crf")]
+    (download,) = _stage_runs(store, "download")
+    assert download.data.tags["mlflow.user"] and download.data.tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_results_and_dataset_go_to_the_stage_run_and_its_parent(store):
+    res = _stage(store, "evaluate@raw", "results")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,), (parent,) = _stage_runs(store, "evaluate@raw"), _runs(store, "pipeline")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    for r in (run, parent):
+        assert r.data.metrics == {"raw_mean_iou": 0.75, "raw_pixel_accuracy": 0.875}
+        (given,) = r.inputs.dataset_inputs
+        assert (given.dataset.name, given.dataset.digest) == ("synthetic", "0123456789abcdef0123456789abcdef.dir")
+        assert json.loads(given.dataset.profile)["splits"] == {"train": 12, "val": 4}
+
+
+def test_dvc_hash_reads_the_lock(tmp_path, monkeypatch):
+    from deeplab.tracking import dvc_hash
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "prepare": {"cmd": "x", "deps": [{"path": "data/raw", "md5": "old.dir"}],
+                    "outs": [{"path": "data/prepared", "md5": "lists.dir"}]},
+        "download": {"cmd": "y", "outs": [{"path": "data/raw", "hash": "md5", "md5": "new.dir"}]}}}))
+    assert dvc_hash(Path("data/raw")) == "new.dir"  # the out, not a reader's older dep entry
+    assert dvc_hash(tmp_path / "data" / "prepared") == "lists.dir"
+    assert dvc_hash(Path("elsewhere")) is None
+    assert dvc_hash(Path("data/raw"), tmp_path / "missing.lock") is None
