@@ -187,7 +187,8 @@ def _parent_run(client: Any, exp_id: str, stage: str, tags: dict[str, str], para
             return parent_id
     from mlflow.entities import Param
 
-    parent = client.create_run(exp_id, run_name=f"pipeline {key}", tags={**tags, "deeplab.role": "pipeline"})
+    parent = client.create_run(exp_id, run_name=f"pipeline {key}",
+                               tags={**tags, "deeplab.role": "pipeline", "mlflow.source.name": "dvc.yaml"})
     used = select(params, [s for s in PIPELINE_SECTIONS if s in params])
     client.log_batch(parent.info.run_id, params=[Param(k, _param_value(v)) for k, v in flatten(used).items()])
     client.set_terminated(parent.info.run_id)
