@@ -216,7 +216,7 @@ def client(uri: str | None = None) -> Any:
         from mlflow.tracking import MlflowClient
 
         c = MlflowClient(tracking_uri=uri or tracking_uri())
-        c._tracking_client.store  # noqa: B018  the SQLAlchemy store (and alembic) load here, still hidden
+        c.search_experiments(max_results=1)  # the store (SQLAlchemy, alembic) loads on first use: still hidden
     finally:
         for m in hidden:
             if sys.modules.get(m, 0) is None:
