@@ -11,10 +11,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 setup: $(STAMP)
 
 # Everything comes from requirements.lock (exact versions); pyproject.toml holds the ranges it was solved from.
+# Bytecode compiled at install: where PYTHONDONTWRITEBYTECODE is set (CI images, this project's sandboxes) every
+# stage, dvc and test process would otherwise compile torch, mlflow and dvc from source (2-3 s CPU each).
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv==0.13.8
-	$(UV) pip install --python $(PY) -q -r requirements.lock
+	$(UV) pip install --python $(PY) -q --compile-bytecode -r requirements.lock
 	$(UV) pip install --python $(PY) -q --no-deps -e .
 	touch $@
 

@@ -11,12 +11,15 @@ word (SIGKILL) can be told from a live one and ended KILLED.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,9 +172,10 @@ def mark_dead_runs(client: Any, exp_id: str) -> list[str]:
     return killed
 
 
-def _parent_run(client: Any, exp_id: str, stage: str, tags: dict[str, str]) -> str:
+def _parent_run(client: Any, exp_id: str, stage: str, tags: dict[str, str], params: Mapping[str, Any]) -> str:
     """The parent run of this pipeline execution: the newest one with the same key and DVC command, if it ended
-    well and has no run of ``stage`` yet (a stage that runs again starts a new execution); else a new one."""
+    well and has no run of ``stage`` yet (a stage that runs again starts a new execution); else a new one, which
+    gets the PIPELINE_SECTIONS of ``params`` (the same for every stage of it: the key holds the file's hash)."""
     key, dvc = tags["deeplab.pipeline"], tags["deeplab.dvc_process"]
     found = client.search_runs([exp_id], filter_string=f"tags.`deeplab.pipeline` = '{key}' and "
                                f"tags.`deeplab.dvc_process` = '{dvc}' and tags.`deeplab.role` = 'pipeline'",
@@ -181,59 +185,171 @@ def _parent_run(client: Any, exp_id: str, stage: str, tags: dict[str, str]) -> s
         if not client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                                   f"tags.`deeplab.stage` = '{stage}'", max_results=1):
             return parent_id
-    parent = client.create_run(exp_id, run_name=f"pipeline {key}", tags={**tags, "deeplab.role": "pipeline"})
+    from mlflow.entities import Param
+
+    parent = client.create_run(exp_id, run_name=f"pipeline {key}",
+                               tags={**tags, "deeplab.role": "pipeline", "mlflow.source.name": "dvc.yaml"})
+    used = select(params, [s for s in PIPELINE_SECTIONS if s in params])
+    client.log_batch(parent.info.run_id, params=[Param(k, _param_value(v)) for k, v in flatten(used).items()])
     client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
 
 class Untracked:
-    """Stands in for the mlflow module under DEEPLAB_TRACKING=off: every logging call does nothing."""
+    """Stands in for a StageRun under DEEPLAB_TRACKING=off: every logging call does nothing."""
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
 
 
+# Hidden while MLflow imports: mlflow (which also ships as mlflow-skinny, without pandas) imports pandas only to
+# register a pandas dataset constructor, and alembic's mako imports pygments only to highlight templates; both
+# treat them as optional. Together they are ~0.6 s of CPU in every stage's start.
+_OPTIONAL = ("pandas", "pygments")
+
+
+def client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` on ``uri`` (default: tracking_uri()), MLflow imported on first use, the store opened."""
+    hidden = [m for m in _OPTIONAL if m not in sys.modules]
+    sys.modules.update(dict.fromkeys(hidden))  # None in sys.modules: that import raises ImportError
+    try:
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(tracking_uri=uri or tracking_uri())
+        c.search_experiments(max_results=1)  # the store (SQLAlchemy, alembic) loads on first use: still hidden
+    finally:
+        for m in hidden:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
+    return c
+
+
+def _param_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | tuple) else str(v)
+
+
+# The params sections that tell pipeline executions apart: logged on each parent run, so the runs table compares
+# executions by them (logits / evaluate only say how, and on what device, results are computed).
+PIPELINE_SECTIONS = ("dataset", "model", "init", "train", "crf")
+
+
+class StageRun:
+    """The open MLflow run of one stage: the logging calls the stages make (named as mlflow's fluent ones), on
+    this run, and ``log_results`` / ``log_dataset`` that also go to the pipeline's parent run."""
+
+    def __init__(self, c: Any, run_id: str, parent_id: str) -> None:
+        self.client, self.run_id, self.parent_id = c, run_id, parent_id
+
+    def _metrics(self, metrics: Mapping[str, float], step: int | None) -> list[Any]:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        return [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.client.log_batch(self.run_id, metrics=self._metrics(metrics, step))
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self.log_metrics({key: value}, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+
+    def log_param(self, key: str, value: Any) -> None:
+        self.log_params({key: value})
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dict(self, d: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, d, artifact_file)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def log_results(self, metrics: Mapping[str, float]) -> None:
+        """Metrics of this stage that are results of the whole pipeline: on this run and on its parent."""
+        for run_id in (self.run_id, self.parent_id):
+            self.client.log_batch(run_id, metrics=self._metrics(metrics, None))
+
+    def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], sizes: Mapping[str, int]) -> None:
+        """The dataset as an MLflow dataset input (the runs table's Dataset column) of this run and its parent:
+        ``name``, ``digest`` (DVC's hash of the data), ``source`` (where it is) and the split sizes as its profile."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps(dict(source)),
+                          profile=json.dumps({"splits": dict(sizes), "num_rows": sum(sizes.values())}))
+        for run_id in (self.run_id, self.parent_id):
+            self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "pipeline")])])
+
+
+def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
+    """DVC's hash of ``path`` (a stage's dep or out in ``lock``: ``<md5>.dir`` for a folder), or None where the
+    lock does not list it. The out's entry wins: the stage that wrote it is newer than any stage reading it."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load(lock.read_text())["stages"]
+    except (OSError, KeyError, TypeError):
+        return None
+    root = lock.resolve().parent
+    want = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    found: dict[str, str] = {}
+    for spec in stages.values():
+        for kind in ("outs", "deps"):
+            for entry in spec.get(kind) or []:
+                value = entry.get("md5") or entry.get("hash") if isinstance(entry, dict) else None
+                if value and isinstance(entry.get("path"), str) and (root / entry["path"]).resolve() == want:
+                    found.setdefault(kind, value)
+    return found.get("outs") or found.get("deps")
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[Any]:
+def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[StageRun]:
     """Start the MLflow child run of ``stage`` under this pipeline execution's parent run, keyed by git commit,
     DVC experiment and the content of ``params_file`` (the file ``params`` was loaded from). Logs as run params
     the params the stage lists in dvc.yaml (all of them outside a DVC project), and the whole resolved config
-    as an artifact. Yields the ``mlflow`` module with the run active.
+    as an artifact. Yields the StageRun.
 
     The run ends FINISHED, FAILED on an exception, KILLED on SIGINT or SIGTERM (raised here as
     KeyboardInterrupt / Terminated); a failed or killed stage ends its parent the same way. A stage killed
     outright (SIGKILL) is ended KILLED by the next stage run that starts on the same host."""
     if os.environ.get("DEEPLAB_TRACKING") == "off":  # a machine without MLflow (bench/device.sh on a bare GPU)
-        yield Untracked()
+        yield Untracked()  # type: ignore[misc]
         return
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    exp_id = _experiment_id(client)
-    mark_dead_runs(client, exp_id)
+    c = client()
+    exp_id = _experiment_id(c)
+    mark_dead_runs(c, exp_id)
     commit = git_commit()
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     key = f"{commit[:12]}-{exp_name}-{file_hash(params_file)[:12]}"
+    # mlflow.user / mlflow.source.*: what mlflow.start_run adds from its context providers (which import
+    # GitPython, 0.3 s), cheaply, for the runs table's User and Source columns.
     tags = {"deeplab.pipeline": key, "git.commit": commit, "dvc.exp_name": exp_name,
-            "deeplab.params_file": str(params_file), "deeplab.dvc_process": _dvc_process()}
-    parent_id = _parent_run(client, exp_id, stage, tags)
+            "deeplab.params_file": str(params_file), "deeplab.dvc_process": _dvc_process(),
+            "mlflow.user": _user(), "mlflow.source.type": "LOCAL", "mlflow.source.name": sys.argv[0],
+            "mlflow.source.git.commit": commit}
+    resolved = params.model_dump(mode="json")
+    parent_id = _parent_run(c, exp_id, stage, tags, resolved)
     process = {"deeplab.host": socket.gethostname(), "deeplab.pid": str(os.getpid()),
                "deeplab.pid_start": process_start(os.getpid()) or "unknown"}
-    mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id,
-                     tags={**tags, **process, "deeplab.role": "stage", "deeplab.stage": stage,
-                           "dvc.stage": os.environ.get("DVC_STAGE", stage)})
+    run_id = c.create_run(exp_id, run_name=stage, tags={
+        **tags, **process, "mlflow.parentRunId": parent_id, "deeplab.role": "stage", "deeplab.stage": stage,
+        "dvc.stage": os.environ.get("DVC_STAGE", stage)}).info.run_id
+    run = StageRun(c, run_id, parent_id)
     main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     status = "FAILED"
     try:
-        resolved = params.model_dump(mode="json")
         keys = dvc_stage_params(stage)
-        used = select(resolved, keys) if keys else resolved
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flatten(used).items()})
-        mlflow.log_dict(resolved, "config/params.json")
-        yield mlflow
+        run.log_params(flatten(select(resolved, keys) if keys else resolved))
+        run.log_dict(resolved, "config/params.json")
+        yield run
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
@@ -241,9 +357,16 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[Any]:
     finally:
         if main:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        mlflow.end_run(status)
+        c.set_terminated(run_id, status)
         if status != "FINISHED":
-            client.set_terminated(parent_id, status)
+            c.set_terminated(parent_id, status)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        return "unknown"
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

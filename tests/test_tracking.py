@@ -1,12 +1,15 @@
 """deeplab.tracking on a real SQLite store, read back with MlflowClient: run status when a stage fails or is
-killed, parent runs per pipeline execution, the experiment kind the MLflow UI opens on.
+killed, parent runs per pipeline execution and what they carry (params, results, dataset), the experiment kind
+the MLflow UI opens on.
 
-Stages are real processes: a tiny typer command (deeplab.stage.command, as every stage) that loads a params
-file, enters stage_run and then succeeds, raises, or blocks until killed.
+The stage is a tiny typer command (deeplab.stage.command, as every stage) that loads a params file, enters
+stage_run and then succeeds, logs results, raises, or blocks until killed: a real process where signals, exit
+status or the process tree are under test, its function called in the test's process otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,16 +35,18 @@ STAGE = textwrap.dedent("""
 
     def main(stage: str, action: str, params: Path = Path("params.yaml")) -> None:
         p = load_params(params)
-        with stage_run(stage, p, params):
+        with stage_run(stage, p, params) as run:
             if action == "fail":
                 raise ValueError("the stage failed")
+            if action == "results":
+                run.log_results({"raw_mean_iou": 0.75, "raw_pixel_accuracy": 0.875})
+                run.log_dataset("synthetic", "0123456789abcdef0123456789abcdef.dir", {"uri": "file:///data"},
+                                {"train": 12, "val": 4})
             if action == "block":
                 print("running", flush=True)
                 time.sleep(600)
-
-
-    command(main)()
 """)
+STAGE_SCRIPT = STAGE + "\n\ncommand(main)()\n"
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ def store(tmp_path) -> Path:
     """A folder with params.yaml, other.yaml (another lr), the stage script; MLflow's store is its mlflow.db."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(tiny_params(**{"train.lr": 5e-4})))
-    (tmp_path / "stage.py").write_text(STAGE)
+    (tmp_path / "stage.py").write_text(STAGE_SCRIPT)
     return tmp_path
 
 
@@ -65,6 +70,25 @@ def _env(root: Path) -> dict[str, str]:
 def _stage(root: Path, stage: str, action: str = "ok", *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "stage.py", stage, action, *args], cwd=root, env=_env(root),
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def here(store, monkeypatch):
+    """Runs the stage script's main in this process, in ``store``, for tests where the stage needs no process
+    of its own (no signal, no exit status, no process tree): each saves a Python start and MLflow's import."""
+    monkeypatch.chdir(store)
+    for name, value in _env(store).items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+    for name in ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    namespace: dict = {}
+    exec(compile(STAGE, "stage.py", "exec"), namespace)
+
+    def run(stage: str, action: str = "ok", params: str = "params.yaml") -> None:
+        namespace["main"](stage, action, Path(params))
+
+    return run
 
 
 def _blocking(root: Path, stage: str) -> subprocess.Popen:
@@ -151,9 +175,9 @@ def test_exception_ends_run_and_parent_failed(store):
     assert _status(store, run.data.tags["mlflow.parentRunId"]) == "FAILED"
 
 
-def test_each_params_file_has_its_own_parent(store):
-    assert _stage(store, "download", "ok", "--params", "other.yaml").returncode == 0
-    assert _stage(store, "prepare").returncode == 0
+def test_each_params_file_has_its_own_parent(store, here):
+    here("download", params="other.yaml")
+    here("prepare")
     (download,), (prepare,) = _stage_runs(store, "download"), _stage_runs(store, "prepare")
     assert download.data.tags["mlflow.parentRunId"] != prepare.data.tags["mlflow.parentRunId"]
     assert (download.data.tags["deeplab.params_file"], prepare.data.tags["deeplab.params_file"]) == (
@@ -161,10 +185,9 @@ def test_each_params_file_has_its_own_parent(store):
     assert download.data.tags["deeplab.pipeline"] != prepare.data.tags["deeplab.pipeline"]
 
 
-def test_parent_groups_one_execution_and_a_repeated_stage_starts_another(store):
+def test_parent_groups_one_execution_and_a_repeated_stage_starts_another(store, here):
     for stage in ("train", "logits", "train"):
-        res = _stage(store, stage)
-        assert res.returncode == 0, res.stderr[-3000:]
+        here(stage)
     first, second = _stage_runs(store, "train")
     (logits,) = _stage_runs(store, "logits")
     assert logits.data.tags["mlflow.parentRunId"] == first.data.tags["mlflow.parentRunId"]
@@ -190,16 +213,16 @@ def test_stages_of_different_dvc_commands_have_different_parents(store):
         ":")[1]
 
 
-def test_experiment_opens_as_model_training(store):
+def test_experiment_opens_as_model_training(store, here):
     client = _client(store)
     client.create_experiment("deeplab")  # made by an older version, without the kind
     assert "mlflow.experimentKind" not in client.get_experiment_by_name("deeplab").tags
-    assert _stage(store, "download").returncode == 0
+    here("download")
     assert client.get_experiment_by_name("deeplab").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_new_experiment_has_the_kind(store):
-    assert _stage(store, "download").returncode == 0
+def test_new_experiment_has_the_kind(store, here):
+    here("download")
     assert _client(store).get_experiment_by_name("deeplab").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -214,3 +237,54 @@ def test_process_start_tells_live_from_gone():
     proc.kill()
     proc.wait()
     assert process_start(proc.pid) is None and start is not None
+
+
+def test_parent_carries_the_params_that_tell_executions_apart(store, here):
+    here("download")
+    (parent,) = _runs(store, "pipeline")
+    params, tiny = parent.data.params, tiny_params()
+    assert params["dataset.name"] == "synthetic" and params["dataset.synthetic.n_train"] == "12"
+    assert params["model.n_blocks"] == "[1, 1, 1, 1]" and params["model.width"] == "8"
+    assert params["init.source"] == tiny["init"]["source"] and params["train.lr"] == str(tiny["train"]["lr"])
+    assert params["crf.bi_w"] == str(tiny["crf"]["bi_w"])
+    assert not [k for k in params if k.split(".")[0] not in ("dataset", "model", "init", "train", "crf")]
+    (download,) = _stage_runs(store, "download")
+    assert download.data.tags["mlflow.user"] and download.data.tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_results_and_dataset_go_to_the_stage_run_and_its_parent(store, here):
+    here("evaluate@raw", "results")
+    (run,), (parent,) = _stage_runs(store, "evaluate@raw"), _runs(store, "pipeline")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    for r in (run, parent):
+        assert r.data.metrics == {"raw_mean_iou": 0.75, "raw_pixel_accuracy": 0.875}
+        (given,) = r.inputs.dataset_inputs
+        assert (given.dataset.name, given.dataset.digest) == ("synthetic", "0123456789abcdef0123456789abcdef.dir")
+        assert json.loads(given.dataset.profile)["splits"] == {"train": 12, "val": 4}
+
+
+def test_dvc_hash_reads_the_lock(tmp_path, monkeypatch):
+    from deeplab.tracking import dvc_hash
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "prepare": {"cmd": "x", "deps": [{"path": "data/raw", "md5": "old.dir"}],
+                    "outs": [{"path": "data/prepared", "md5": "lists.dir"}]},
+        "download": {"cmd": "y", "outs": [{"path": "data/raw", "hash": "md5", "md5": "new.dir"}]}}}))
+    assert dvc_hash(Path("data/raw")) == "new.dir"  # the out, not a reader's older dep entry
+    assert dvc_hash(tmp_path / "data" / "prepared") == "lists.dir"
+    assert dvc_hash(Path("elsewhere")) is None
+    assert dvc_hash(Path("data/raw"), tmp_path / "missing.lock") is None
+
+
+def test_mlflow_loads_without_its_optional_imports(tmp_path):
+    # pandas and pygments are ~0.6 s of every stage's start and nothing a stage logs needs them; hidden only
+    # while MLflow loads, so code that wants them later still gets them.
+    code = ("import sys\nfrom deeplab.tracking import client\n"
+            f"client('sqlite:///{tmp_path / 'mlflow.db'}').create_experiment('x')\n"
+            "print(sorted(m for m in ('pandas', 'pygments') if m in sys.modules))\n"
+            "import pandas, pygments.lexers\nprint(pandas.DataFrame({'a': [1]}).shape)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**run_env(tmp_path), "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["[]", "(1,", "1)"]

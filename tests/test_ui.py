@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import ALL_STAGES as STAGES
@@ -132,6 +133,29 @@ def test_rest_experiment_runs_and_params(runs):
     assert params["train.log_every"] == str(tiny_params()["train"]["log_every"])
 
 
+def test_rest_parent_run_carries_results_params_and_dataset(runs, project):
+    # The runs table compares pipeline executions by their parent runs: results, params, dataset.
+    (parent,) = runs["pipelines"]
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    for kind in ("raw", "crf"):
+        scores = json.loads((project / "metrics" / kind / "scores.json").read_text())
+        for name in ("mean_iou", "pixel_accuracy"):
+            assert metrics[f"{kind}_{name}"] == pytest.approx(scores[name], rel=1e-12)
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    tiny = tiny_params()
+    assert params["dataset.name"] == "synthetic" and params["model.width"] == str(tiny["model"]["width"])
+    assert params["train.iterations"] == str(tiny["train"]["iterations"]) and params["init.source"] == "scratch"
+    assert params["crf.iterations"] == str(tiny["crf"]["iterations"])
+    (given,) = parent["inputs"]["dataset_inputs"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    (raw,) = [o for o in lock["download"]["outs"] if o["path"] == "data/raw"]
+    assert (given["dataset"]["name"], given["dataset"]["digest"]) == ("synthetic", raw["md5"])
+    synthetic = tiny["dataset"]["synthetic"]
+    assert json.loads(given["dataset"]["profile"])["splits"] == {"train": synthetic["n_train"],
+                                                                   "val": synthetic["n_val"]}
+    assert parent["info"]["status"] == "FINISHED"
+
+
 def test_rest_train_loss_history(server, runs):
     train = tiny_params()["train"]
     query = {"run_id": runs["stages"]["train"]["info"]["run_id"], "metric_key": "train_loss"}
@@ -200,13 +224,16 @@ def test_experiment_runs_tab_shows_the_runs(server, runs, tmp_path):
     exp_id = runs["experiment"]["experiment_id"]
     assert "http://127.0.0.1:5000/#/experiments/1/runs" in readme and exp_id == "1"
     parent = runs["pipelines"][0]["info"]["run_name"]
+    dataset = runs["pipelines"][0]["inputs"]["dataset_inputs"][0]["dataset"]
+    column = f"{dataset['name']} ({dataset['digest']})"  # the Dataset column: name and DVC hash
     page = f"{server}/#/experiments/{exp_id}"
     for url in (f"{page}/runs", f"{page}?workflowType=machine_learning"):
         for _ in range(2):  # a slow render gets one more try
             dom = _chromium(tmp_path, "--dump-dom", url).stdout
-            if parent in dom:
+            if parent in dom and column in dom:
                 break
         assert parent in dom, f"{url}: runs table not rendered; DOM tail:\n{dom[-3000:]}"
+        assert column in dom, f"{url}: no Dataset column entry {column!r}"
         assert "No data available" not in dom
 
 
