@@ -147,7 +147,7 @@ def test_weights_file_metadata_round_trip_and_checks(tmp_path):
 
     saved = torch.load(tmp_path / "w.pt", weights_only=True)
     for change, error in (({"format": 2}, "format 2, this code reads format 1"),
-                          ({"arch": "deeplabv3"}, "arch is 'deeplabv3'"),
+                          ({"arch": "deeplabv4"}, "arch is 'deeplabv4'"),
                           ({"input": "rgb"}, "input is 'rgb'"),
                           ({"width": None}, "malformed"),
                           ({"class_names": ["a"]}, "1 class names for 3 classes")):
