@@ -48,3 +48,55 @@ def deeplabv2_resnet101(n_classes: int | None = None, weights: str | Path | None
             have = f"{head.shape[0]} classes" if head is not None else f"no {fresh[0]}"
             raise ValueError(f"{weights}: the ASPP head does not fit n_classes={n_classes} (the file has {have})")
     return model.eval()
+
+
+# DeepLab v3 / v3+ (model.arch deeplabv3 / deeplabv3plus), loaded by the same rules as deeplabv2_resnet101.
+def deeplabv3_resnet101(n_classes: int | None = None, weights: str | Path | None = None,
+                        scales: Sequence[float] | None = None, output_stride: int | None = None,
+                        **kwargs: Any) -> Any:
+    """DeepLab v3 ResNet-101 (torchvision-style backbone, multi-grid 1/2/4, ASPP with image pooling) inside the
+    multi-scale wrapper: in eval mode (N, n_classes, ~H/os, ~W/os) logits at ``output_stride`` (8 or 16).
+
+    Input: ``deeplab.loader.to_input(rgb, model.meta["mean_bgr"], model.meta["normalization"])`` for a file
+    written by train (its metadata says how the network was fed: ``imagenet`` or ``caffe``). Arguments as
+    ``deeplabv2_resnet101``; ``output_stride`` defaults to the file's, else 16; ``kwargs``: ``n_blocks``,
+    ``width``, ``atrous_rates``. A file of another arch is an error naming the entry that loads it."""
+    return _v3_family("deeplabv3", n_classes, weights, scales, output_stride, kwargs)
+
+
+def deeplabv3plus_resnet101(n_classes: int | None = None, weights: str | Path | None = None,
+                            scales: Sequence[float] | None = None, output_stride: int | None = None,
+                            **kwargs: Any) -> Any:
+    """DeepLab v3+ ResNet-101: the v3 encoder plus the decoder on the stride-4 features; logits come at the
+    input size. Input and arguments as ``deeplabv3_resnet101``."""
+    return _v3_family("deeplabv3plus", n_classes, weights, scales, output_stride, kwargs)
+
+
+def _v3_family(arch: str, n_classes: int | None, weights: str | Path | None, scales: Sequence[float] | None,
+               output_stride: int | None, kwargs: dict) -> Any:
+    from deeplab.models import build_from_metadata, build_model, conflicts, load_state, read_weights_file
+
+    unknown = sorted(set(kwargs) - {"n_blocks", "width", "atrous_rates"})
+    if unknown:
+        raise TypeError(f"{arch}_resnet101: unexpected argument(s) {', '.join(unknown)}")
+    state, meta = read_weights_file(weights) if weights is not None else ({}, None)
+    if meta is None:
+        n_classes = 21 if n_classes is None else n_classes
+        model = build_model(n_classes, scales=(0.5, 0.75) if scales is None else scales, arch=arch,
+                            output_stride=16 if output_stride is None else output_stride, **kwargs)
+    else:
+        if meta["arch"] != arch:
+            raise ValueError(f"{weights}: the file holds a {meta['arch']} network: load it with "
+                             f"{meta['arch']}_resnet101")
+        clash = conflicts(meta, n_classes=n_classes, output_stride=output_stride, **kwargs)
+        if clash:
+            detail = "; ".join(f"{k}={given} given, the file's metadata says {k}={have}" for k, have, given in clash)
+            raise ValueError(f"{weights}: {detail} (leave them out to use the file's)")
+        model = build_from_metadata(meta, scales)
+    model.meta = meta  # class names, input mean and normalization for the caller (None for a plain state dict)
+    if weights is not None:
+        fresh = load_state(model, state, weights)
+        if fresh:
+            raise ValueError(f"{weights}: the classifier does not fit n_classes={n_classes} "
+                             f"({len(fresh)} tensors differ)")
+    return model.eval()
