@@ -63,10 +63,10 @@ def load_torchvision(model: nn.Module, state: Mapping[str, torch.Tensor], path: 
                          "model.width to the file's (resnet101: [3, 4, 23, 3] and 64)")
     model.load_state_dict(mapped, strict=False)
     fresh = [k for k in own if k not in mapped]
+    parts = sorted({".".join(k.split(".")[:2]) for k in fresh})
     lines = [f"backbone: {len(mapped)} tensors from the torchvision ResNet {path}",
              f"dropped from the file (ImageNet classifier): {', '.join(dropped) or 'nothing'}",
-             f"fresh (the head, seeded init): {len(fresh)} tensors, "
-             f"{', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh})[:6])}{', ...' if len(fresh) > 6 else ''}"]
+             f"fresh (the head, seeded init): {len(fresh)} tensors of {', '.join(parts)}"]
     if v2:
         lines.append("deeplabv2's Caffe-style backbone strides the first 1x1 conv (reduce) of res3, while "
                      "torchvision's weights were trained with the stride on the 3x3 (conv2), and its max pool "
