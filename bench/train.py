@@ -92,13 +92,15 @@ def run(mode: str, args: argparse.Namespace, device: torch.device, data: list, s
 
 def train_flops(args: argparse.Namespace) -> int:
     """FLOPs of one training image: forward and backward of every MSC scale."""
+    n = 1 if args.arch == "deeplabv2" else 2  # trained BN (v3 / v3+) needs two images for the pooled branch
+
     def one(model: torch.nn.Module, device: torch.device) -> None:
         model.train()
-        images = torch.randn(1, 3, args.size, args.size, device=device)
-        labels = torch.zeros(1, args.size, args.size, dtype=torch.long, device=device)
+        images = torch.randn(n, 3, args.size, args.size, device=device)
+        labels = torch.zeros(n, args.size, args.size, dtype=torch.long, device=device)
         multi_scale_loss(model(images), labels).backward()
 
-    return count_flops(args, one)
+    return count_flops(args, one) // n
 
 
 def ratio(rows: dict, a: str, b: str, key: str) -> float | None:
