@@ -58,6 +58,15 @@ def test_v2_rejects_output_stride_16_and_v3_needs_three_rates(tmp_path):
     p["model"]["atrous_rates"] = None
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(p))
     assert load_params(tmp_path / "c.yaml").model.arch == "deeplabv3"
+    p["train"].update(freeze_bn=False, batch_size=1)
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ParamsError, match=r"train\.batch_size: 1 with train\.freeze_bn false cannot train deeplabv3"):
+        load_params(tmp_path / "d.yaml")
+    p["train"].update(freeze_bn=True)
+    p["init"].update(source="caffemodel")
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ParamsError, match=r"init\.source: the DeepLab caffemodels hold a deeplabv2 network"):
+        load_params(tmp_path / "e.yaml")
 
 
 def test_v3plus_decoder_reads_the_stride_4_features():
