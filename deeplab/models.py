@@ -185,7 +185,7 @@ SHAPE_KEYS = ("n_classes", "n_blocks", "width", "atrous_rates")
 
 
 def weights_file(state: dict[str, torch.Tensor], *, n_classes: int, n_blocks: Sequence[int], width: int,
-                 atrous_rates: Sequence[int], scales: Sequence[float], class_names: Sequence[str], dataset: str,
+                 atrous_rates: Sequence[int] | None, scales: Sequence[float], class_names: Sequence[str], dataset: str,
                  mean_bgr: Sequence[float], arch: str = ARCH, output_stride: int = 8,
                  normalization: str = "caffe") -> dict:
     """What train saves: the state dict under ``model`` and, under ``deeplab``, what rebuilding and feeding the
