@@ -28,10 +28,17 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def arch_args(args: argparse.Namespace) -> dict:
+    """build_model's arch and output stride from ``--arch`` / ``--output-stride`` (benches without them: v2)."""
+    arch = getattr(args, "arch", "deeplabv2")
+    stride = getattr(args, "output_stride", None) or (8 if arch == "deeplabv2" else 16)
+    return {"arch": arch, "output_stride": stride}
+
+
 def calibrated_state(args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor]) -> dict:
     """Seeded weights with BatchNorm statistics calibrated on ``batches`` (as the init stage does): frozen identity
     BN would let ResNet-101's activations grow through 33 residual blocks and the loss would mean nothing."""
-    model = build_model(args.classes, args.blocks, args.width)
+    model = build_model(args.classes, args.blocks, args.width, **arch_args(args))
     init_from_scratch(model, 0)
     model.to(device)
     calibrate_bn(model, (b.to(device) for b in batches))
@@ -43,7 +50,7 @@ def count_flops(args: argparse.Namespace, fn: Callable[[torch.nn.Module, torch.d
     on the meta device: no memory, no time, the same count as the real run."""
     meta = torch.device("meta")
     with meta:
-        model = build_model(args.classes, args.blocks, args.width)
+        model = build_model(args.classes, args.blocks, args.width, **arch_args(args))
     with FlopCounterMode(display=False) as counter:
         fn(model, meta)
     return counter.get_total_flops()

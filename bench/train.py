@@ -7,6 +7,7 @@ GPU's dense bf16 peak, and a torch.profiler breakdown of the fastest path.
     python bench/train.py                      # full size on a GPU: ResNet-101, 321x321, batch 5 x iter_size 2
     python bench/train.py --modes fast compile # the torch.compile row (beside a fresh fast row)
     python bench/train.py --quick              # CPU-sized: narrow net, small crops (what CI can run)
+    python bench/train.py --arch deeplabv3plus # v3+ at output stride 16 (--output-stride 8), trainable BN
 
 Prints one JSON line."""
 
@@ -19,7 +20,7 @@ import sys
 import time
 
 import torch
-from common import calibrated_state, count_flops, device_name, flops_row, peak_tflops, profile
+from common import arch_args, calibrated_state, count_flops, device_name, flops_row, peak_tflops, profile
 
 from deeplab.models import build_model, freeze_bn
 from deeplab.train import multi_scale_loss, param_groups, train_step
@@ -43,10 +44,11 @@ def run(mode: str, args: argparse.Namespace, device: torch.device, data: list, s
     fast = mode != "parity"
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = fast
-    model = build_model(args.classes, args.blocks, args.width)
+    model = build_model(args.classes, args.blocks, args.width, **arch_args(args))
     model.load_state_dict(state)
     model.to(device).train()
-    freeze_bn(model)
+    if args.arch == "deeplabv2":  # v3 / v3+ train their BatchNorm (their recipe)
+        freeze_bn(model)
     cl = fast and args.channels_last
     if cl:
         model.to(memory_format=torch.channels_last)
@@ -90,13 +92,15 @@ def run(mode: str, args: argparse.Namespace, device: torch.device, data: list, s
 
 def train_flops(args: argparse.Namespace) -> int:
     """FLOPs of one training image: forward and backward of every MSC scale."""
+    n = 1 if args.arch == "deeplabv2" else 2  # trained BN (v3 / v3+) needs two images for the pooled branch
+
     def one(model: torch.nn.Module, device: torch.device) -> None:
         model.train()
-        images = torch.randn(1, 3, args.size, args.size, device=device)
-        labels = torch.zeros(1, args.size, args.size, dtype=torch.long, device=device)
+        images = torch.randn(n, 3, args.size, args.size, device=device)
+        labels = torch.zeros(n, args.size, args.size, dtype=torch.long, device=device)
         multi_scale_loss(model(images), labels).backward()
 
-    return count_flops(args, one)
+    return count_flops(args, one) // n
 
 
 def ratio(rows: dict, a: str, b: str, key: str) -> float | None:
@@ -116,6 +120,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--blocks", type=int, nargs=4, default=[3, 4, 23, 3])
     ap.add_argument("--classes", type=int, default=21)
+    ap.add_argument("--arch", choices=("deeplabv2", "deeplabv3", "deeplabv3plus"), default="deeplabv2")
+    ap.add_argument("--output-stride", type=int, choices=(8, 16), default=None,
+                    help="deeplabv3 / v3+ only (default 16); deeplabv2 is 8")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--lr", type=float, default=2.5e-4)
@@ -161,7 +168,7 @@ def main() -> None:
     out = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__,
         "size": args.size, "batch": args.batch, "iter_size": args.iter_size, "width": args.width,
-        "blocks": args.blocks, "classes": args.classes, "iters": args.iters, "warmup": args.warmup,
+        "blocks": args.blocks, "classes": args.classes, **arch_args(args), "iters": args.iters, "warmup": args.warmup,
         "modes": args.modes, "compile_backend": args.compile_backend if "compile" in rows else None,
         "tf32_conv": torch.backends.cudnn.allow_tf32, "flops_per_image": flops, "peak_tflops": peak,
         **rows,

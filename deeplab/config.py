@@ -16,6 +16,8 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deeplab.arch import atrous_rates_for
+
 PARAMS_FILE = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -108,6 +110,10 @@ class DatasetConfig(Section):
     n_classes: Annotated[int, Field(ge=2, le=255)] = 6
     ignore_label: Annotated[int, Field(ge=0, le=255)] = 255
     mean_bgr: tuple[float, float, float] = (104.008, 116.669, 122.675)
+    # The network's input, as its init weights expect: caffe, BGR minus mean_bgr (the DeepLab caffemodels);
+    # imagenet, RGB / 255 standardised by ImageNet's mean and std (init.source torchvision). Trained weights
+    # record it, so predict and hub follow it.
+    normalization: Literal["caffe", "imagenet"] = "caffe"
     train_split: str = "train"
     val_split: str = "val"
     # COCO-Stuff 10k is evaluated on images and labels warped to a square of this size (reference protocol).
@@ -157,13 +163,25 @@ class DatasetConfig(Section):
 
 
 class ModelConfig(Section):
+    # deeplabv2: Caffe-style ResNet (stride on the first 1x1), summed ASPP, frozen-BN recipe; deeplabv3:
+    # torchvision-style ResNet (stride on the 3x3), multi-grid, ASPP with image pooling; deeplabv3plus: v3 plus
+    # the decoder on the stride-4 features.
+    arch: Literal["deeplabv2", "deeplabv3", "deeplabv3plus"] = "deeplabv2"
+    # Backbone output stride; deeplabv2 is 8 only.
+    output_stride: Literal[8, 16] = 8
     # Bottleneck blocks per stage (res2..res5): ResNet-101 is [3, 4, 23, 3].
     n_blocks: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (3, 4, 23, 3)
     # Stem width; stage outputs are 4x, 8x, 16x and 32x this (64 gives the real 256..2048).
     width: PositiveInt = 64
-    atrous_rates: tuple[PositiveInt, ...] = (6, 12, 18, 24)
+    # v2: 4 rates; v3 / v3+: 3 (12/24/36 at output stride 8, 6/12/18 at 16). null: the arch's own.
+    atrous_rates: tuple[PositiveInt, ...] | None = (6, 12, 18, 24)
     # Extra input scales fused by max with the 1x output (MSC); empty disables multi-scale.
     scales: tuple[PositiveFloat, ...] = (0.5, 0.75)
+
+    @model_validator(mode="after")
+    def _arch_fits(self) -> ModelConfig:
+        atrous_rates_for(self.arch, self.output_stride, self.atrous_rates)  # names the key in its ValueError
+        return self
 
 
 RELEASED_NAMES = ("cocostuff164k", "cocostuff10k", "voc12")
@@ -171,10 +189,11 @@ CAFFEMODEL_NAMES = ("init", "train_iter_20000", "train2_iter_20000")
 
 
 class InitConfig(Section):
-    source: Literal["scratch", "caffemodel", "checkpoint", "released"] = "scratch"
+    source: Literal["scratch", "caffemodel", "checkpoint", "released", "torchvision"] = "scratch"
     # caffemodel: a local .caffemodel file, or null to download DeepLab's MS-COCO-pretrained init.caffemodel;
     # checkpoint: a PyTorch state dict (.pt/.pth) of this model, e.g. the reference project's released weights
-    # or its converted COCO init (deeplabv1_resnet101-coco.pth).
+    # or its converted COCO init (deeplabv1_resnet101-coco.pth); released: the reference's release asset init.name;
+    # torchvision: torchvision's ImageNet resnet101 state dict (e.g. resnet101-63fe2227.pth from its hub cache).
     path: str | None = None
     # released: which of the reference's released weights to download (cocostuff164k, cocostuff10k, voc12);
     # caffemodel without path: which caffemodel of the authors' zip (init, train_iter_20000, train2_iter_20000).
@@ -187,8 +206,8 @@ class InitConfig(Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> InitConfig:
-        if self.source == "checkpoint" and not self.path:
-            raise ValueError("init.path is required when init.source is 'checkpoint'")
+        if self.source in ("checkpoint", "torchvision") and not self.path:
+            raise ValueError(f"init.path is required when init.source is {self.source!r}")
         allowed = {"released": RELEASED_NAMES, "caffemodel": CAFFEMODEL_NAMES}.get(self.source, ())
         if self.source == "released" and self.name is None:
             raise ValueError(f"init.name is required when init.source is 'released' (one of {', '.join(allowed)})")
@@ -325,9 +344,19 @@ class Params(Section):
     evaluate: EvaluateConfig
 
     @model_validator(mode="after")
+    def _init_fits_arch(self) -> Params:
+        if self.init.source == "caffemodel" and self.model.arch != "deeplabv2":
+            raise ValueError(f"init.source: the DeepLab caffemodels hold a deeplabv2 network, model.arch is "
+                             f"{self.model.arch}; use init.source torchvision (ImageNet) or scratch for it")
+        return self
+
+    @model_validator(mode="after")
     def _crop_fits_model(self) -> Params:
         t, scales = self.train, self.model.scales
         bn_batch = t.batch_size if not t.freeze_bn else None
+        if bn_batch == 1 and self.model.arch != "deeplabv2":
+            raise ValueError(f"train.batch_size: 1 with train.freeze_bn false cannot train {self.model.arch}: the "
+                             "BatchNorm of ASPP's image-pooling branch sees one value per channel; use at least 2")
         need = min_crop_size(scales, bn_batch)
         if t.crop_size < need:
             why = (f"every model.scales {list(scales)} input, floor(crop_size x scale), needs at least one pixel"

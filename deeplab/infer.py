@@ -1,5 +1,6 @@
-"""Multi-scale inference: per-image logits at output stride 8 stored as float16, and the raw (no-CRF)
-label maps from upsampling them to the image size."""
+"""Multi-scale inference: per-image logits at the model's output size (stride 8 for v2, 8 or 16 for v3, the
+input size for v3+, whose decoder upsamples) stored as float16, and the raw (no-CRF) label maps from upsampling
+them to the image size."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def load_logits(path: Path) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, image: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """Max-fused multi-scale logits (1, C, h8, w8) for one mean-subtracted BGR image (1, 3, H, W)."""
+    """Max-fused multi-scale logits (1, C, h, w) for one input image (1, 3, H, W) (``loader.to_input``)."""
     with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp):
         return model(image).float()
 

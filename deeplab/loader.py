@@ -1,4 +1,5 @@
-"""What the model is fed: input tensors (BGR float32 minus the mean, CHW, as the reference), augmentation,
+"""What the model is fed: input tensors (BGR float32 minus the mean, CHW, as the reference; or ImageNet-standardised
+RGB for torchvision weights), augmentation,
 the torch Dataset over a prepared file list and its replayable sampler. Labels come as int64, 255 ignored."""
 
 from __future__ import annotations
@@ -15,11 +16,23 @@ from torch.utils.data import Dataset, Sampler
 
 from deeplab.data import IGNORE, DataError, check_label_values, read_image, read_label, read_list
 
+# torchvision's ImageNet weights expect RGB in [0, 1] standardised by these (per channel, RGB order).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def to_input(rgb: np.ndarray, mean_bgr: Sequence[float]) -> torch.Tensor:
-    """RGB uint8 HxWx3 -> the network's input: BGR float32 minus the mean, CHW (Caffe convention)."""
-    bgr = rgb[..., ::-1].astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(bgr.transpose(2, 0, 1)))
+
+def to_input(rgb: np.ndarray, mean_bgr: Sequence[float], normalization: str = "caffe") -> torch.Tensor:
+    """RGB uint8 HxWx3 -> the network's input, float32 CHW: ``caffe``, BGR minus ``mean_bgr`` (the DeepLab
+    caffemodels); ``imagenet``, RGB / 255 minus ImageNet's mean, over its std (torchvision's weights). Either
+    way 0 is the mean colour, which augmentation pads with."""
+    if normalization == "imagenet":
+        x = (rgb.astype(np.float32) / 255 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD,
+                                                                                               np.float32)
+    elif normalization == "caffe":
+        x = rgb[..., ::-1].astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
+    else:
+        raise ValueError(f"dataset.normalization: expected caffe or imagenet, got {normalization!r}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 @dataclass(frozen=True)
@@ -82,9 +95,10 @@ class SegmentationDataset(Dataset):
     ``(seed, draw)`` so any draw can be replayed exactly, in any worker, after a resume."""
 
     def __init__(self, list_file: str | Path, mean_bgr: Sequence[float], aug: Augment | None = None,
-                 n_classes: int | None = None, ignore: int = IGNORE) -> None:
+                 n_classes: int | None = None, ignore: int = IGNORE, normalization: str = "caffe") -> None:
         self.items = read_list(list_file)
         self.mean_bgr = tuple(mean_bgr)
+        self.normalization = normalization
         self.aug = aug
         self.n_classes, self.ignore = n_classes, ignore  # with n_classes set, label values are checked
 
@@ -94,7 +108,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
         i, draw = index if isinstance(index, tuple) else (index, 0)
         it = self.items[i]
-        image, label = to_input(read_image(it.image), self.mean_bgr), read_label(it.label)
+        image, label = to_input(read_image(it.image), self.mean_bgr, self.normalization), read_label(it.label)
         if self.n_classes is not None:
             check_label_values(label, it.label, self.n_classes, self.ignore)
         if image.shape[-2:] != label.shape:

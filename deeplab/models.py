@@ -1,4 +1,5 @@
-"""DeepLab v2: Caffe-style dilated ResNet + ASPP (summed), wrapped in the multi-scale (MSC) max fusion.
+"""DeepLab v2: Caffe-style dilated ResNet + ASPP (summed), wrapped in the multi-scale (MSC) max fusion; and
+``build_model``, which also builds DeepLab v3 / v3+ (``deeplab.deeplabv3``) inside the same wrapper.
 
 Module names follow the reference implementation, so its released weights (keys ``base.layer*``,
 ``base.aspp.c*``) load without renaming.
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deeplab.arch import ARCHS, atrous_rates_for
 
 BN_EPS = 1e-5
 
@@ -111,14 +114,35 @@ class MSC(nn.Module):
 
 
 def build_model(n_classes: int, n_blocks: Sequence[int] = (3, 4, 23, 3), width: int = 64,
-                atrous_rates: Sequence[int] = (6, 12, 18, 24),
-                scales: Sequence[float] = (0.5, 0.75)) -> MSC:
-    return MSC(DeepLabV2(n_classes, n_blocks, width, atrous_rates), scales)
+                atrous_rates: Sequence[int] | None = None,
+                scales: Sequence[float] = (0.5, 0.75), arch: str = "deeplabv2", output_stride: int = 8) -> MSC:
+    """``arch`` in the MSC wrapper; ``atrous_rates`` None: the arch's own (v2: 6/12/18/24)."""
+    rates = atrous_rates_for(arch, output_stride, atrous_rates)
+    if arch == "deeplabv2":
+        return MSC(DeepLabV2(n_classes, n_blocks, width, rates), scales)
+    from deeplab.deeplabv3 import DeepLabV3, DeepLabV3Plus
+
+    net = DeepLabV3 if arch == "deeplabv3" else DeepLabV3Plus
+    return MSC(net(n_classes, n_blocks, width, output_stride, rates), scales)
+
+
+def is_v2(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "base", model), DeepLabV2)
 
 
 def init_from_scratch(model: nn.Module, seed: int) -> None:
-    """Seeded He initialisation of the backbone; ASPP keeps DeepLab's N(0, 0.01)."""
+    """Seeded He initialisation of the backbone; v2's ASPP keeps DeepLab's N(0, 0.01). v3 / v3+: He for every
+    conv, biases zero (BatchNorm keeps its identity init)."""
     gen = torch.Generator().manual_seed(seed)
+    if not is_v2(model):
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                with torch.no_grad():
+                    m.weight.normal_(0, (2.0 / fan_out) ** 0.5, generator=gen)
+                    if m.bias is not None:
+                        m.bias.zero_()
+        return
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and ".aspp." not in f".{name}.":
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
@@ -151,23 +175,31 @@ def output_size(size: int) -> int:
 META_KEY = "deeplab"
 META_FORMAT = 1
 ARCH = "deeplabv2"
-# The input the network was trained on: RGB images converted to BGR with mean_bgr subtracted (loader.to_input).
+# The input the network was trained on, per dataset.normalization (loader.to_input): caffe, RGB images converted
+# to BGR with mean_bgr subtracted (the DeepLab caffemodels); imagenet, RGB / 255 standardised by ImageNet's mean
+# and std (torchvision's weights).
 INPUT_CONVENTION = "bgr_mean_subtracted"
+INPUT_CONVENTIONS = {"caffe": INPUT_CONVENTION, "imagenet": "rgb_imagenet"}
 # Metadata keys that describe the network's shape, in build_model's terms.
 SHAPE_KEYS = ("n_classes", "n_blocks", "width", "atrous_rates")
 
 
 def weights_file(state: dict[str, torch.Tensor], *, n_classes: int, n_blocks: Sequence[int], width: int,
-                 atrous_rates: Sequence[int], scales: Sequence[float], class_names: Sequence[str], dataset: str,
-                 mean_bgr: Sequence[float], colours: Sequence[Sequence[int]] | None = None) -> dict:
+                 atrous_rates: Sequence[int] | None, scales: Sequence[float], class_names: Sequence[str], dataset: str,
+                 mean_bgr: Sequence[float], colours: Sequence[Sequence[int]] | None = None, arch: str = ARCH,
+                 output_stride: int = 8, normalization: str = "caffe") -> dict:
     """What train saves: the state dict under ``model`` and, under ``deeplab``, what rebuilding and feeding the
-    model needs, so hub, predict and init load it by path alone."""
+    model needs, so hub, predict and init load it by path alone. A deeplabv2 file is written as before this
+    code had other archs (no ``output_stride``: always 8), so older code still reads it."""
     if len(class_names) != n_classes:
         raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
-    meta = {"format": META_FORMAT, "arch": ARCH, "n_classes": int(n_classes), "n_blocks": [int(b) for b in n_blocks],
-            "width": int(width), "atrous_rates": [int(r) for r in atrous_rates], "scales": [float(s) for s in scales],
-            "class_names": [str(c) for c in class_names], "dataset": str(dataset), "input": INPUT_CONVENTION,
-            "mean_bgr": [float(m) for m in mean_bgr]}
+    rates = atrous_rates_for(arch, output_stride, atrous_rates)
+    meta = {"format": META_FORMAT, "arch": arch, "n_classes": int(n_classes), "n_blocks": [int(b) for b in n_blocks],
+            "width": int(width), "atrous_rates": [int(r) for r in rates], "scales": [float(s) for s in scales],
+            "class_names": [str(c) for c in class_names], "dataset": str(dataset),
+            "input": INPUT_CONVENTIONS[normalization], "mean_bgr": [float(m) for m in mean_bgr]}
+    if arch != ARCH:
+        meta["output_stride"] = int(output_stride)
     if colours:  # a custom dataset's class colours, for predict's label maps and legends
         meta["colours"] = [[int(c) for c in rgb] for rgb in colours]
     return {"model": state, META_KEY: meta}
@@ -179,7 +211,7 @@ def normalize(key: str, value: object) -> object:
         return tuple(int(v) for v in value)  # type: ignore[union-attr]
     if key in ("scales", "mean_bgr"):
         return tuple(float(v) for v in value)  # type: ignore[union-attr]
-    if key in ("n_classes", "width"):
+    if key in ("n_classes", "width", "output_stride"):
         return int(value)  # type: ignore[call-overload]
     return value
 
@@ -192,13 +224,16 @@ def check_metadata(path: str | Path, meta: object) -> dict:
     if meta.get("format") != META_FORMAT:
         raise ValueError(f"{path}: weights metadata format {meta.get('format')!r}, this code reads "
                          f"format {META_FORMAT}")
-    for key, want in (("arch", ARCH), ("input", INPUT_CONVENTION)):
-        if meta.get(key) != want:
-            raise ValueError(f"{path}: weights metadata {key} is {meta.get(key)!r}, this code supports {want!r}")
+    for key, want in (("arch", ARCHS), ("input", tuple(INPUT_CONVENTIONS.values()))):
+        if meta.get(key) not in want:
+            raise ValueError(f"{path}: weights metadata {key} is {meta.get(key)!r}, this code supports "
+                             f"{', '.join(map(repr, want))}")
     out = dict(meta)
+    out["normalization"] = {v: k for k, v in INPUT_CONVENTIONS.items()}[meta["input"]]
+    out.setdefault("output_stride", 8)
     try:
-        for key in (*SHAPE_KEYS, "scales", "mean_bgr"):
-            out[key] = normalize(key, meta[key])
+        for key in (*SHAPE_KEYS, "scales", "mean_bgr", "output_stride"):
+            out[key] = normalize(key, out[key])
         out["class_names"] = tuple(str(c) for c in meta["class_names"])
         out["dataset"] = str(meta["dataset"])
     except (KeyError, TypeError, ValueError) as e:
@@ -218,8 +253,11 @@ def conflicts(meta: dict, **given: object) -> list[tuple[str, object, object]]:
 
 def build_from_metadata(meta: dict, scales: Sequence[float] | None = None) -> MSC:
     """The model the metadata describes (with other extra input ``scales`` if given)."""
-    return build_model(meta["n_classes"], meta["n_blocks"], meta["width"], meta["atrous_rates"],
-                       meta["scales"] if scales is None else scales)
+    try:
+        return build_model(meta["n_classes"], meta["n_blocks"], meta["width"], meta["atrous_rates"],
+                           meta["scales"] if scales is None else scales, meta["arch"], meta["output_stride"])
+    except ValueError as e:  # e.g. 4 rates for a v3 arch
+        raise ValueError(f"weights metadata does not describe a model: {e}") from None
 
 
 def refusal_message(path: str | Path, e: Exception) -> str:
@@ -281,12 +319,12 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> list[str]:
     """Load ``state`` (read from ``path``, named in errors) into ``model``. Every backbone tensor must be
     present with the right shape; ASPP tensors of another shape (a different class count) are left at their
-    fresh initialisation. Returns the names of the tensors left fresh."""
-    own = model.state_dict()
+    fresh initialisation (v3 / v3+: the classifier). Returns the names of the tensors left fresh."""
+    own, v2 = model.state_dict(), is_v2(model)
     fresh, problems = [], []
     for name, ref in own.items():
         src = state.get(name)
-        is_head = ".aspp." in name
+        is_head = ".classifier." in name or (v2 and ".aspp." in name)
         if src is None or src.shape != ref.shape:
             if is_head:
                 fresh.append(name)

@@ -100,7 +100,14 @@ def resolve_params(path: Path | None = None, dataset: str | None = None, n_class
 
 
 def architecture(state: Mapping[str, torch.Tensor]) -> str:
-    """What a DeepLab v2 state dict holds, read from its shapes, for error messages."""
+    """What a DeepLab state dict holds, read from its shapes, for error messages."""
+    if any(k.startswith("base.backbone.") for k in state):
+        arch = "deeplabv3plus" if any(k.startswith("base.decoder.") for k in state) else "deeplabv3"
+        blocks = [len({m[1] for k in state if (m := re.match(rf"base\.backbone\.layer{i}\.(\d+)\.", k))})
+                  for i in range(1, 5)]
+        stem, head = state.get("base.backbone.conv1.weight"), state.get("base.classifier.weight")
+        return (f"{arch}, n_blocks {tuple(blocks)}, width {stem.shape[0] if stem is not None else '?'}, "
+                f"{head.shape[0] if head is not None else '?'} classes")
     blocks = [len({m[1] for k in state if (m := re.match(rf"base\.layer{i}\.(block\d+)\.", k))}) for i in range(2, 6)]
     stem, head = state.get("base.layer1.conv1.conv.weight"), state.get("base.aspp.c0.weight")
     return (f"n_blocks {tuple(blocks)}, width {stem.shape[0] if stem is not None else '?'}, "
@@ -132,7 +139,8 @@ def read_weights(path: Path, p: Params) -> tuple[dict[str, torch.Tensor], dict |
 
 def with_metadata(path: Path, meta: dict | None, p: Params, dataset: str | None = None,
                   n_classes: int | None = None) -> tuple[Params, list[str]]:
-    """The params with what the weights' metadata fixes (architecture, scales, class count, input mean), and
+    """The params with what the weights' metadata fixes (architecture, scales, class count, input mean and
+    normalization), and
     the class names for legends. ``dataset`` / ``n_classes`` (the command-line options, None if not given) must
     agree with the metadata; without metadata the params alone say it all."""
     if meta is None:
@@ -144,8 +152,9 @@ def with_metadata(path: Path, meta: dict | None, p: Params, dataset: str | None 
         raise ParamsError(f"{path}: " + "; ".join(f"{k} {given} given, but the weights were trained with {have}"
                                                   for k, have, given in clash) + " (leave it out)")
     data = p.model_dump()
-    data["model"].update({k: meta[k] for k in ("n_blocks", "width", "atrous_rates", "scales")})
-    data["dataset"].update(n_classes=meta["n_classes"], mean_bgr=meta["mean_bgr"])
+    data["model"].update({k: meta[k] for k in ("arch", "output_stride", "n_blocks", "width", "atrous_rates",
+                                               "scales")})
+    data["dataset"].update(n_classes=meta["n_classes"], mean_bgr=meta["mean_bgr"], normalization=meta["normalization"])
     if DATASETS.get(meta["dataset"]) and DATASETS[meta["dataset"]].classes:  # custom needs its dataset.custom
         data["dataset"]["name"] = meta["dataset"]
     return Params.model_validate(data), list(meta["class_names"])
@@ -155,7 +164,7 @@ def fit_model(path: Path, state: Mapping[str, torch.Tensor], p: Params) -> MSC:
     """The MSC model of ``p.model`` / ``p.dataset.n_classes`` with every tensor of ``state`` (strict: a head
     of another class count is an error, never a random head), in eval mode."""
     m = p.model
-    model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
+    model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales, m.arch, m.output_stride)
     own = model.state_dict()
     wrong = [k for k, v in own.items() if k not in state or state[k].shape != v.shape]
     wrong += [k for k in state if k not in own]
@@ -185,12 +194,13 @@ def network_size(h: int, w: int, max_size: int | None) -> tuple[int, int]:
 
 
 def predict_label(model: MSC, rgb: np.ndarray, mean_bgr: Sequence[float], device: torch.device,
-                  max_size: int | None = None, crf: CrfConfig | None = None, amp: bool = False) -> np.ndarray:
-    """(H, W) uint8 class map of an RGB image (H, W, 3) at its own size."""
+                  max_size: int | None = None, crf: CrfConfig | None = None, amp: bool = False,
+                  normalization: str = "caffe") -> np.ndarray:
+    """(H, W) uint8 class map of an RGB image (H, W, 3) at its own size, fed as ``normalization`` says."""
     h, w = rgb.shape[:2]
     nh, nw = network_size(h, w, max_size)
     net_rgb = rgb if (nh, nw) == (h, w) else np.array(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-    logits = predict_logits(model, to_input(net_rgb, mean_bgr)[None].to(device), amp)[0]
+    logits = predict_logits(model, to_input(net_rgb, mean_bgr, normalization)[None].to(device), amp)[0]
     if crf is None:
         return upsample_argmax(logits, (h, w)).cpu().numpy()
     from deeplab.crf import dense_crf, reference_quirk_image
@@ -239,7 +249,8 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
     for path, stem in zip(paths, output_stems(paths), strict=True):
         try:
             rgb = read_image(path)
-            label = predict_label(model, rgb, p.dataset.mean_bgr, dev, max_size, p.crf if crf else None, amp)
+            label = predict_label(model, rgb, p.dataset.mean_bgr, dev, max_size, p.crf if crf else None, amp,
+                                  p.dataset.normalization)
             label_path, overlay_path = write_outputs(out, stem, rgb, label, names, colours)
         except DataError as e:  # names the file already
             warn(str(e))

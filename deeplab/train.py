@@ -25,12 +25,13 @@ from deeplab.data import IGNORE, DataError
 from deeplab.datasets import class_colours, class_names
 from deeplab.files import atomic_path, file_hash, fingerprint, save_torch
 from deeplab.loader import Augment, DrawSampler, SegmentationDataset, worker_error
-from deeplab.models import build_model, freeze_bn, load_weights, refusal_message, weights_file
+from deeplab.models import build_model, freeze_bn, is_v2, load_weights, refusal_message, weights_file
 
 log = logging.getLogger(__name__)
 
 # Source files whose edits invalidate a checkpoint (the training loop, the model and the data pipeline).
-CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.py", "loader.py"))
+CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.py", "loader.py", "arch.py",
+                                                 "resnet.py", "deeplabv3.py"))
 
 
 class RunError(RuntimeError):
@@ -79,7 +80,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
     """Caffe lr_mult / decay_mult of DeepLab v2: backbone conv weights 1x with decay, ASPP weights 10x with
     decay, ASPP biases 20x without. Frozen (requires_grad False) parameters are left out; trainable BN
-    affine parameters (freeze_bn off) join the 1x group without decay."""
+    affine parameters (freeze_bn off) join the 1x group without decay.
+
+    DeepLab v3 / v3+ (``head_groups``): the recipe of their seed (jfzhang95/pytorch-deeplab-xception), backbone
+    1x and everything after it 10x, weight decay on every parameter."""
+    if not is_v2(model):
+        return head_groups(model, lr, weight_decay)
     backbone, bn, head_w, head_b = [], [], [], []
     for mname, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):
@@ -98,6 +104,19 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
     ]
     if bn:
         groups.append({"name": "bn", "params": bn, "lr": lr, "weight_decay": 0.0})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return [g for g in groups if g["params"]]
+
+
+def head_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """v3 / v3+ parameter groups: the backbone at ``lr``, ASPP, decoder and classifier at 10x ``lr``."""
+    backbone, head = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if ".backbone." in f".{name}" else head).append(p)
+    groups = [{"name": "backbone", "params": backbone, "lr": lr, "weight_decay": weight_decay},
+              {"name": "head", "params": head, "lr": 10 * lr, "weight_decay": weight_decay}]
     for g in groups:
         g["initial_lr"] = g["lr"]
     return [g for g in groups if g["params"]]
@@ -145,7 +164,8 @@ def multi_scale_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor, igno
 def calibration_batches(train_list: Path, dcfg: DatasetConfig, crop_size: int, seed: int, n_batches: int = 8,
                         batch_size: int = 8) -> Iterator[torch.Tensor]:
     """Unflipped random crops of training images at scale 1, for BatchNorm calibration."""
-    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(crop_size, (1.0,), False, seed))
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(crop_size, (1.0,), False, seed),
+                                  normalization=dcfg.normalization)
     sampler = iter(DrawSampler(len(dataset), seed))
     for _ in range(min(n_batches, -(-len(dataset) // batch_size))):
         yield torch.stack([dataset[next(sampler)][0] for _ in range(batch_size)])
@@ -215,8 +235,13 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         torch.backends.cudnn.benchmark = not tcfg.deterministic
     fast = cuda  # bf16 autocast and channels_last only pay off on a GPU
 
-    model = build_model(dcfg.n_classes, mcfg.n_blocks, mcfg.width, mcfg.atrous_rates, mcfg.scales)
+    model = build_model(dcfg.n_classes, mcfg.n_blocks, mcfg.width, mcfg.atrous_rates, mcfg.scales, mcfg.arch,
+                        mcfg.output_stride)
     load_weights(model, init_weights)
+    if dist.world > 1 and cuda and not tcfg.freeze_bn and mcfg.arch != "deeplabv2":
+        # v3 / v3+ train BN on the global batch, as their recipe (v2 keeps its per-process BN, as before).
+        # SyncBatchNorm runs on GPUs only: under gloo on CPU each process normalises its own share.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if fast and tcfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -256,7 +281,8 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         net = torch.compile(net)
 
     aug = Augment(tcfg.crop_size, tcfg.scales, tcfg.flip, tcfg.seed, tcfg.scale_range, tcfg.blur_prob)
-    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, aug, n_classes=dcfg.n_classes, ignore=dcfg.ignore_label)
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, aug, n_classes=dcfg.n_classes, ignore=dcfg.ignore_label,
+                                  normalization=dcfg.normalization)
     per_iter = tcfg.batch_size * tcfg.iter_size
     sampler = DrawSampler(len(dataset), tcfg.seed, start=start * per_iter, stride=dist.world, offset=dist.rank)
     workers = tcfg.num_workers if tcfg.iterations else 0  # an evaluate-only run loads no data
@@ -326,7 +352,8 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         save_torch(weights_file(model.state_dict(), n_classes=dcfg.n_classes, n_blocks=mcfg.n_blocks,
                                 width=mcfg.width, atrous_rates=mcfg.atrous_rates, scales=mcfg.scales,
                                 class_names=class_names(dcfg), dataset=dcfg.name,
-                                mean_bgr=dcfg.mean_bgr, colours=class_colours(dcfg)), out_weights)
+                                mean_bgr=dcfg.mean_bgr, colours=class_colours(dcfg), arch=mcfg.arch,
+                                output_stride=mcfg.output_stride, normalization=dcfg.normalization), out_weights)
     if dist.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

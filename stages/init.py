@@ -8,6 +8,8 @@ from deeplab.caffe import convert_caffemodel
 from deeplab.config import load_params
 from deeplab.download import fetch_caffemodel, fetch_released
 from deeplab.files import file_hash, save_torch
+from deeplab.imagenet import layout as tv_layout
+from deeplab.imagenet import load_torchvision
 from deeplab.models import (
     build_model,
     calibrate_bn,
@@ -16,6 +18,7 @@ from deeplab.models import (
     init_from_scratch,
     load_state,
     load_weights,
+    read_state_dict,
     read_weights_file,
 )
 from deeplab.stage import command
@@ -52,8 +55,8 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
                                                            "released weights.")]
          = Path("data/downloads")) -> None:
     """Produce the initial weights the train stage starts from: seeded from-scratch, a converted DeepLab
-    caffemodel (downloaded unless init.path names one), a PyTorch checkpoint, or the reference's released
-    weights (init.source released, downloaded)."""
+    caffemodel (downloaded unless init.path names one), a PyTorch checkpoint, the reference's released weights
+    (init.source released, downloaded) or torchvision's ImageNet ResNet."""
     p = load_params(params)
     m, i = p.model, p.init
     # Checked before MLflow starts a run: a wrong path or model is a config error, not a failed run.
@@ -69,15 +72,30 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             log.info("init.path %s is in the reference's DeepLabV1 layout (its COCO init): backbone keys prefixed "
                      "with base., its classifier (%s) dropped", i.path, ", ".join(dropped))
         if meta is not None:  # written by train: name the params that differ instead of listing tensors
-            clash = conflicts(meta, n_blocks=m.n_blocks, width=m.width, atrous_rates=m.atrous_rates)
+            clash = conflicts(meta, arch=m.arch, output_stride=m.output_stride, n_blocks=m.n_blocks, width=m.width,
+                              atrous_rates=m.atrous_rates)
             if clash:
                 raise ValueError(f"init.path: {i.path}: the checkpoint was trained with another model: " + "; ".join(
                     f"model.{k} is {show(given)} in the params, {show(have)} in the file" for k, have, given in clash))
             if conflicts(meta, mean_bgr=p.dataset.mean_bgr):
                 log.warning("init.path %s was trained with input mean %s, dataset.mean_bgr is %s", i.path,
                             show(meta["mean_bgr"]), show(p.dataset.mean_bgr))
+            if meta["normalization"] != p.dataset.normalization:
+                log.warning("init.path %s was trained with dataset.normalization %s, the params say %s", i.path,
+                            meta["normalization"], p.dataset.normalization)
+    if i.source == "torchvision":
+        try:
+            state = read_state_dict(Path(i.path))
+        except ValueError as e:
+            raise ValueError(f"init.path: {e}") from None
+        blocks, width = tv_layout(state)
+        if (blocks, width) != (m.n_blocks, m.width):
+            raise ValueError(f"init.path: {i.path}: the torchvision ResNet has n_blocks {list(blocks)} and width "
+                             f"{width}, the params give model.n_blocks {show(m.n_blocks)} and model.width {m.width} "
+                             "(resnet101: [3, 4, 23, 3] and 64)")
     with stage_run("init", p, params) as mlflow:
-        model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
+        model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales, m.arch,
+                            m.output_stride)
         if i.source == "scratch":
             init_from_scratch(model, i.seed)
             n = calibrate_bn(model, calibration_batches(lists / f"{p.dataset.train_split}.txt", p.dataset,
@@ -94,6 +112,14 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             for line in convert_caffemodel(path, out, p.dataset.n_classes, m.n_blocks, m.width):
                 log.info("%s", line)
             load_weights(model, out)  # the converted file must fit the configured model
+        elif i.source == "torchvision":
+            init_from_scratch(model, i.seed)  # the head's init; the backbone is replaced below
+            for line in load_torchvision(model, state, Path(i.path)):
+                log.info("%s", line)
+            if p.dataset.normalization != "imagenet":
+                log.warning("torchvision's weights expect ImageNet-normalised RGB input, dataset.normalization is "
+                            "%s: set it to imagenet", p.dataset.normalization)
+            save_torch(model.state_dict(), out)
         else:
             if i.source == "released":
                 path = fetch_released(i.name, downloads, i.base_url, i.checksums or None)

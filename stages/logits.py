@@ -36,9 +36,10 @@ def logits(params: Annotated[Path, typer.Option(help="Params file to read (datas
         return
     dist = Dist.from_env()
     m = p.model
-    model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales)
+    model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales, m.arch, m.output_stride)
     load_weights(model, weights)
-    dataset = SegmentationDataset(lists / f"{p.dataset.val_split}.txt", p.dataset.mean_bgr)
+    dataset = SegmentationDataset(lists / f"{p.dataset.val_split}.txt", p.dataset.mean_bgr,
+                                  normalization=p.dataset.normalization)
     device = pick_device(p.logits.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)

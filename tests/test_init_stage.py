@@ -126,3 +126,52 @@ def test_checkpoint_takes_the_references_coco_init_layout(tmp_path):
         if not key.startswith("fc."):
             assert torch.equal(state[f"base.{key}"], value), key
     assert state["base.aspp.c0.weight"].shape[0] == 6 and not any(k.startswith(("fc.", "base.fc.")) for k in state)
+
+
+def small_torchvision_resnet(path):
+    """A torchvision ResNet with one bottleneck per stage (width 64), random weights: its state dict file."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    tv = ResNet(Bottleneck, [1, 1, 1, 1])
+    torch.save(tv.state_dict(), path)
+    return tv.state_dict()
+
+
+def test_init_from_torchvision_weights_for_both_stride_placements(tmp_path):
+    tv = small_torchvision_resnet(tmp_path / "resnet.pth")
+    params = tiny_params(**{"model.width": 64})
+    params["init"].update(source="torchvision", path=str(tmp_path / "resnet.pth"))
+    root = make_project(tmp_path / "repo", params)
+    res = sh(root, "python", "-m", "stages.init")  # deeplabv2, Caffe-style: the stride sits elsewhere
+    assert "strides the first 1x1 conv (reduce) of res3, while torchvision's weights" in res.stderr
+    assert "fresh (the head, seeded init): 8 tensors of base.aspp" in res.stderr
+    assert "dataset.normalization is caffe: set it to imagenet" in res.stderr
+    state = torch.load(root / "data/models/init.pt", weights_only=True)
+    assert torch.equal(state["base.layer3.block1.reduce.conv.weight"], tv["layer2.0.conv1.weight"])
+    assert torch.equal(state["base.layer3.block1.conv3x3.bn.running_var"], tv["layer2.0.bn2.running_var"])
+    assert torch.equal(state["base.layer5.block1.shortcut.conv.weight"], tv["layer4.0.downsample.0.weight"])
+    assert torch.equal(state["base.layer1.conv1.bn.weight"], tv["bn1.weight"])
+
+    params["model"].update(arch="deeplabv3plus", output_stride=16, atrous_rates=None)
+    params["dataset"]["normalization"] = "imagenet"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    res = sh(root, "python", "-m", "stages.init")
+    assert "strides the first 1x1" not in res.stderr and "set it to imagenet" not in res.stderr
+    assert "of base.aspp, base.classifier, base.decoder" in res.stderr
+    state = torch.load(root / "data/models/init.pt", weights_only=True)
+    backbone = {k.removeprefix("base.backbone."): v for k, v in state.items() if k.startswith("base.backbone.")}
+    assert backbone.keys() == tv.keys() - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(v, tv[k]) for k, v in backbone.items())
+
+
+def test_torchvision_weights_of_another_depth_are_refused_before_a_run(tmp_path):
+    small_torchvision_resnet(tmp_path / "resnet.pth")
+    params = tiny_params(**{"model.width": 64, "model.n_blocks": [1, 1, 2, 1]})
+    params["init"].update(source="torchvision", path=str(tmp_path / "resnet.pth"))
+    root = make_project(tmp_path / "repo", params)
+    res = sh(root, "python", "-m", "stages.init", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (f"error: init.path: {tmp_path / 'resnet.pth'}: the torchvision ResNet has n_blocks [1, 1, 1, 1] and "
+            "width 64, the params give model.n_blocks [1, 1, 2, 1]") in res.stderr
+    assert not (root / "mlflow.db").exists() and not (root / "data/models/init.pt").exists()

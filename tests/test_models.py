@@ -147,10 +147,33 @@ def test_weights_file_metadata_round_trip_and_checks(tmp_path):
 
     saved = torch.load(tmp_path / "w.pt", weights_only=True)
     for change, error in (({"format": 2}, "format 2, this code reads format 1"),
-                          ({"arch": "deeplabv3"}, "arch is 'deeplabv3'"),
+                          ({"arch": "deeplabv4"}, "arch is 'deeplabv4'"),
                           ({"input": "rgb"}, "input is 'rgb'"),
                           ({"width": None}, "malformed"),
                           ({"class_names": ["a"]}, "1 class names for 3 classes")):
         torch.save({**saved, "deeplab": {**saved["deeplab"], **change}}, tmp_path / "bad.pt")
         with pytest.raises(ValueError, match=rf"bad\.pt: .*{re.escape(error)}"):
             read_weights_file(tmp_path / "bad.pt")
+
+
+def test_v3_metadata_records_arch_stride_and_normalization(tmp_path):
+    small = dict(n_blocks=(1, 1, 1, 1), width=8, scales=(0.5,))
+    model = build_model(3, atrous_rates=None, arch="deeplabv3", output_stride=16, **small)
+    names = ("a", "b", "c")
+    torch.save(weights_file(model.state_dict(), n_classes=3, atrous_rates=None, class_names=names, dataset="synthetic",
+                            mean_bgr=(1, 2, 3), arch="deeplabv3", output_stride=16, normalization="imagenet", **small),
+               tmp_path / "v3.pt")
+    saved = torch.load(tmp_path / "v3.pt", weights_only=True)["deeplab"]
+    assert (saved["arch"], saved["output_stride"], saved["input"], saved["atrous_rates"]) == (
+        "deeplabv3", 16, "rgb_imagenet", [6, 12, 18])
+    _, meta = read_weights_file(tmp_path / "v3.pt")
+    assert meta["normalization"] == "imagenet"
+    assert load_weights(build_from_metadata(meta), tmp_path / "v3.pt") == []
+    assert conflicts(meta, arch="deeplabv3plus", output_stride=16) == [("arch", "deeplabv3", "deeplabv3plus")]
+    # A v2 file stays as before (no output_stride key) and reads as stride 8, caffe input.
+    v2 = build_model(3, **small)
+    torch.save(weights_file(v2.state_dict(), n_classes=3, atrous_rates=(6, 12, 18, 24), class_names=names,
+                            dataset="synthetic", mean_bgr=(1, 2, 3), **small), tmp_path / "v2.pt")
+    assert "output_stride" not in torch.load(tmp_path / "v2.pt", weights_only=True)["deeplab"]
+    _, meta = read_weights_file(tmp_path / "v2.pt")
+    assert (meta["output_stride"], meta["normalization"]) == (8, "caffe")
