@@ -171,6 +171,8 @@ def test_normalization_travels_with_the_weights_to_predict_and_hub(tmp_path, mon
     assert hub.meta["normalization"] == "imagenet" and hub.meta["arch"] == "deeplabv3plus"
     with pytest.raises(ValueError, match=r"holds a deeplabv3plus network: load it with deeplabv3plus_resnet101"):
         hubconf.deeplabv3_resnet101(weights=str(weights))
+    with pytest.raises(ValueError, match=r"holds a deeplabv3plus network: load it with deeplabv3plus_resnet101"):
+        hubconf.deeplabv2_resnet101(weights=str(weights))
     with pytest.raises(ValueError, match="output_stride=8 given, the file's metadata says output_stride=16"):
         hubconf.deeplabv3plus_resnet101(weights=str(weights), output_stride=8)
 
