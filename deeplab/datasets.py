@@ -21,6 +21,7 @@ from deeplab.data import (
     Item,
     atomic_save,
     check_files,
+    item_digests,
     label_values_error,
     read_image,
     read_label,
@@ -252,6 +253,6 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
     if bad:
         raise bad_pairs_error(bad, sum(map(len, splits.values())), f"{cfg.name} dataset at {root}")
     for split, items in splits.items():
-        write_list(out / f"{split}.txt", items)
+        write_list(out / f"{split}.txt", items, item_digests(items, n_jobs))
         log.info("%s split %s: %d images", cfg.name, split, len(items))
     return {split: len(items) for split, items in splits.items()}

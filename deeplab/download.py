@@ -201,7 +201,7 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
     if cfg.name == "synthetic":
         s = cfg.synthetic
         synthetic.generate(tmp, s.n_train, s.n_val, s.height, s.width, cfg.n_classes, s.seed)
-    elif cfg.root:
+    elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
         root = Path(cfg.root)
         check_layout(cfg, root)
         tmp.mkdir(parents=True)
