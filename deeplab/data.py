@@ -143,11 +143,12 @@ def _md5s(items: Sequence[Item]) -> list[tuple[str, str]]:
 
 def item_digests(items: Sequence[Item], n_jobs: int = -1) -> list[tuple[str, str]]:
     """(image md5, label md5) per item, in parallel for large lists."""
-    size = max(1, min(1024, -(-len(items) // 16)))
-    chunks = [items[i:i + size] for i in range(0, len(items), size)]
     if len(items) <= 1000:  # quicker in this process than starting workers
         return _md5s(items)
     from joblib import Parallel, delayed
+
+    size = max(1, min(1024, -(-len(items) // 16)))
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
 
     return [d for chunk in Parallel(n_jobs=n_jobs)(delayed(_md5s)(c) for c in chunks) for d in chunk]
 
