@@ -109,7 +109,7 @@ def test_device_record_keeps_why_a_step_failed(tmp_path):
 
 def test_dvc_scale_bench_smoke(tmp_path):
     """bench/dvc_scale.py at a few dozen files: one JSON line with every row of issue 15's table, and the crf
-    experiment reran only crf and evaluate@crf."""
+    experiment reran nothing before crf."""
     env = {**run_env(tmp_path), "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, str(REPO / "bench" / "dvc_scale.py"), "--files", "40",
                           "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
@@ -119,7 +119,8 @@ def test_dvc_scale_bench_smoke(tmp_path):
     out = json.loads(lines[0])
     assert out["files"] == 40
     assert out["full_repro"]["ran"] == ["prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"]
-    assert out["noop_repro"]["ran"] == [] and out["crf_exp"]["ran"] == ["crf", "evaluate@crf"]
+    # evaluate@crf follows when the new maps differ (at this size they may come out the same)
+    assert out["noop_repro"]["ran"] == [] and out["crf_exp"]["ran"] in (["crf"], ["crf", "evaluate@crf"])
     for row in ("commit_raw", "full_repro", "noop_repro", "status", "crf_exp"):
         assert out[row]["s"] > 0 and out[row]["dvc_s"] > 0 and out[row]["peak_mb"] > 0, row
     assert 0 < out["full_repro"]["stages_s"] < out["full_repro"]["s"]
