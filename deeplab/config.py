@@ -37,10 +37,10 @@ class SyntheticConfig(Section):
 
 class DatasetConfig(Section):
     name: Literal["synthetic", "voc12", "cocostuff10k", "cocostuff164k"] = "synthetic"
-    # The dataset folder. data/raw (or null) is the download stage's output: downloaded or generated there. Any
-    # other folder is a dataset already on disk: nothing is downloaded, its layout is checked, and DVC hashes it
-    # in place as the prepare stage's dependency (dvc.yaml lists ${dataset.root}, so null fails there).
-    root: str | None = "data/raw"
+    # The dataset folder. The download stage's own output (params.yaml: data/raw; null here) is downloaded or
+    # generated. Any other folder is a dataset already on disk: nothing is downloaded, its layout is checked, and
+    # DVC hashes it in place as the prepare stage's dependency (dvc.yaml lists ${dataset.root}: null fails there).
+    root: str | None = None
     # A mirror serving the archives under their official file names (replaces each official URL's folder).
     base_url: str | None = None
     # Expected checksums per archive file name ({md5|sha1|sha256|size: value}) for a mirror whose archives
