@@ -100,7 +100,9 @@ class CustomDatasetConfig(Section):
 class DatasetConfig(Section):
     # One of deeplab.datasets.DATASETS: synthetic, voc12, cocostuff10k, cocostuff164k, custom.
     name: str = "synthetic"
-    # A dataset already on disk: nothing is downloaded, its layout is checked. null: download into data/raw.
+    # The dataset folder. The download stage's own output (params.yaml: data/raw; null here) is downloaded or
+    # generated. Any other folder is a dataset already on disk: nothing is downloaded, its layout is checked, and
+    # DVC hashes it in place as the prepare stage's dependency (dvc.yaml lists ${dataset.root}: null fails there).
     root: str | None = None
     # A mirror serving the archives under their official file names (replaces each official URL's folder).
     base_url: str | None = None

@@ -1,6 +1,7 @@
 """Dataset files without torch: class tables and palette, image/label readers and writers, file lists.
 
-Every dataset is read through one list format written by the prepare stage: ``image_id<TAB>image<TAB>label``.
+Every dataset is read through one list format written by the prepare stage: ``image_id<TAB>image<TAB>label``,
+then the md5 of the image and of the label.
 What the model is fed (input tensors, augmentation, the torch Dataset) lives in ``deeplab.loader``, so the
 stages that run no model (download, prepare, evaluate) never import torch.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deeplab.files import atomic_path
+from deeplab.files import atomic_path, file_hash
 
 IGNORE = 255
 
@@ -133,11 +134,30 @@ class Item:
     label: Path
 
 
-def write_list(path: str | Path, items: Sequence[Item]) -> None:
+def write_list(path: str | Path, items: Sequence[Item], digests: Sequence[tuple[str, str]] | None = None) -> None:
+    """One line per item; with ``digests`` (the md5 of each item's image and label, see ``item_digests``) two
+    more columns, so the list's own hash changes whenever a listed file's content does: the stages after prepare
+    depend on the lists alone in dvc.yaml, not on the dataset folder."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        for it in items:
-            w.writerow([it.image_id, it.image.as_posix(), it.label.as_posix()])
+        for n, it in enumerate(items):
+            w.writerow([it.image_id, it.image.as_posix(), it.label.as_posix(), *(digests[n] if digests else ())])
+
+
+def _md5s(items: Sequence[Item]) -> list[tuple[str, str]]:
+    return [(file_hash(it.image), file_hash(it.label)) for it in items]
+
+
+def item_digests(items: Sequence[Item], n_jobs: int = -1) -> list[tuple[str, str]]:
+    """(image md5, label md5) per item, in parallel for large lists."""
+    if len(items) <= 1000:  # quicker in this process than starting workers
+        return _md5s(items)
+    from joblib import Parallel, delayed
+
+    size = max(1, min(1024, -(-len(items) // 16)))
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+
+    return [d for chunk in Parallel(n_jobs=n_jobs)(delayed(_md5s)(c) for c in chunks) for d in chunk]
 
 
 def read_list(path: str | Path) -> list[Item]:
@@ -147,8 +167,8 @@ def read_list(path: str | Path) -> list[Item]:
     items = []
     with open(path, newline="") as f:
         for n, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if len(row) != 3:
-                raise DataError(f"{path}:{n}: expected 3 tab-separated columns, got {len(row)}")
+            if len(row) not in (3, 5):  # id, image, label, and the md5s prepare records (unused here)
+                raise DataError(f"{path}:{n}: expected 3 (or 5) tab-separated columns, got {len(row)}")
             items.append(Item(row[0], Path(row[1]), Path(row[2])))
     if not items:
         raise DataError(f"{path}: file list is empty")

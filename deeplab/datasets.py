@@ -34,6 +34,7 @@ from deeplab.data import (
     Item,
     atomic_save,
     check_files,
+    item_digests,
     label_values_error,
     read_image,
     read_label,
@@ -489,6 +490,6 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         if lut is not None:
             items = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",
                              "label", n_jobs)
-        write_list(out / f"{split}.txt", items)
+        write_list(out / f"{split}.txt", items, item_digests(items, n_jobs))
         log.info("%s split %s: %d images", cfg.name, split, len(items))
     return {split: len(items) for split, items in splits.items()}

@@ -182,7 +182,7 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
     shutil.rmtree(tmp, ignore_errors=True)
     if ds.generate is not None:
         ds.generate(cfg, tmp)
-    elif cfg.root:
+    elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
         root = Path(cfg.root)
         check_layout(cfg, root)
         tmp.mkdir(parents=True)

@@ -105,3 +105,23 @@ def test_device_record_keeps_why_a_step_failed(tmp_path):
     assert rows[0] == {"step": "train", "bench": "train", "speedup": 3.5, "status": "ok", "wall_s": 12, "limit_s": 120}
     assert rows[1]["status"] == "failed" and rows[1]["rc"] == 1 and "out of memory" in rows[1]["stderr_tail"]
     assert rows[2]["status"] == "timeout" and rows[2]["speedup"] == 3.5  # what it printed before the kill is kept
+
+
+def test_dvc_scale_bench_smoke(tmp_path):
+    """bench/dvc_scale.py at a few dozen files: one JSON line with every row of issue 15's table, and the crf
+    experiment reran nothing before crf."""
+    env = {**run_env(tmp_path), "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "dvc_scale.py"), "--files", "40",
+                          "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["files"] == 40
+    assert out["full_repro"]["ran"] == ["prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"]
+    # evaluate@crf follows when the new maps differ (at this size they may come out the same)
+    assert out["noop_repro"]["ran"] == [] and out["crf_exp"]["ran"] in (["crf"], ["crf", "evaluate@crf"])
+    for row in ("commit_raw", "full_repro", "noop_repro", "status", "crf_exp"):
+        assert out[row]["s"] > 0 and out[row]["dvc_s"] > 0 and out[row]["peak_mb"] > 0, row
+    assert 0 < out["full_repro"]["stages_s"] < out["full_repro"]["s"]
+    assert out["disk_mb"]["data+cache"] > 0 and out["peak_mb"] >= out["noop_repro"]["peak_mb"]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import yaml
@@ -84,6 +86,12 @@ def test_every_preset_defines_every_param_dvc_reads(preset):
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"{preset.name} lacks {key}, which dvc.yaml reads"
             node = node[part]
+    # dvc.yaml's ${...} values: DVC stops with a bare "unexpected error" on a missing or null one.
+    for key in re.findall(r"\$\{([a-z_.]+)\}", (REPO / "dvc.yaml").read_text()):
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        assert node is not None or key == "item", f"{preset.name}: {key} is null or missing; dvc.yaml interpolates it"
 
 
 def test_empty_file_names_every_missing_section(tmp_path):
