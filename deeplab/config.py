@@ -96,7 +96,7 @@ class CustomDatasetConfig(Section):
 
 
 class DatasetConfig(Section):
-    # One of deeplab.datasets.DATASETS: synthetic, voc12, cocostuff10k, cocostuff164k, custom.
+    # One of deeplab.datasets.DATASETS: synthetic, voc12, cocostuff10k, cocostuff164k, coco21, custom.
     name: str = "synthetic"
     # A dataset already on disk: nothing is downloaded, its layout is checked. null: download into data/raw.
     root: str | None = None

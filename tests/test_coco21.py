@@ -12,6 +12,7 @@ from deeplab.config import DatasetConfig
 from deeplab.data import VOC_CLASSES, DataError, read_label, read_list
 from deeplab.datasets import DATASETS, class_names, prepare
 from deeplab.download import fetch_dataset
+from deeplab.predict import resolve_params
 from tests.conftest import make_project, sh, stages_run, tiny_params
 from tests.official_layouts import ArchiveServer, coco21_fixture, md5
 
@@ -49,6 +50,7 @@ def test_entry_and_config():
     assert datasets.COCO21_CATEGORIES[15] == 1 and len(datasets.COCO21_CATEGORIES) == 21  # person
     cfg = DatasetConfig(name="coco21", n_classes=21, **SPLITS)
     assert class_names(cfg) == list(VOC_CLASSES)
+    assert resolve_params(dataset="coco21").dataset.n_classes == 21  # predict --dataset coco21
     with pytest.raises(ValueError, match=r"allowed: .*coco21"):
         DatasetConfig(name="coco", n_classes=21)
 
