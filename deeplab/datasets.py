@@ -42,6 +42,7 @@ from deeplab.data import (
     write_list,
 )
 from deeplab.download import Archive
+from deeplab.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +267,15 @@ def _render_coco21(chunk: Sequence[tuple[str, int, int, list]], folder: Path) ->
 
 def _render_coco21_split(cfg: DatasetConfig, items: list[Item], out: Path, split: str, n_jobs: int) -> list[Item]:
     """Masks rendered once from the instance annotations into ``out/labels/<split>/<id>.png`` (in parallel);
-    masks already there from an interrupted run are kept. Returns the images kept (more than
-    ``COCO21_MIN_PIXELS`` labelled pixels)."""
+    masks already there from an interrupted run on the same annotations are kept. Returns the images kept
+    (more than ``COCO21_MIN_PIXELS`` labelled pixels)."""
+    import hashlib
     import json
 
     annotations = items[0].label
     try:
-        coco = json.loads(annotations.read_text())
+        data = annotations.read_bytes()
+        coco = json.loads(data)
         by_file = {im["file_name"]: im for im in coco["images"]}
         instances: dict[int, list] = {im["id"]: [] for im in coco["images"]}
         index = {cat: c for c, cat in enumerate(COCO21_CATEGORIES) if c}
@@ -285,7 +288,12 @@ def _render_coco21_split(cfg: DatasetConfig, items: list[Item], out: Path, split
     if unknown:
         raise DataError(f"{annotations}: {len(unknown)} images of split {split!r} have no entry, e.g. {unknown[0]}")
     folder = out / "labels" / split
-    folder.mkdir(parents=True, exist_ok=True)
+    # Masks of other annotations (a changed file under the same name) are never taken as finished.
+    source, digest = folder / ".annotations.sha256", hashlib.sha256(data).hexdigest()
+    if not source.is_file() or source.read_text() != digest:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_text(source, digest)
     todo = [(it.image_id, by_file[it.image.name]["height"], by_file[it.image.name]["width"],
              instances[by_file[it.image.name]["id"]]) for it in items
             if not (folder / f"{it.image_id}.png").exists() and not (folder / f"{it.image_id}.small").exists()]

@@ -85,7 +85,8 @@ def test_prepare_resumes_and_never_counts_a_partial_mask(coco_root, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, root, out, n_jobs=1)
     train = out / "labels" / "train2017"
-    assert sorted(p.name for p in train.iterdir()) == ["000000000100.png"]  # the cut-off one is not there
+    # The cut-off mask is not there, under its name or a temporary one.
+    assert sorted(p.name for p in train.iterdir()) == [".annotations.sha256", "000000000100.png"]
     monkeypatch.setattr(Image.Image, "save", real_save)
     rendered.clear()
     prepare(cfg, root, out, n_jobs=1)
@@ -97,6 +98,14 @@ def test_prepare_resumes_and_never_counts_a_partial_mask(coco_root, tmp_path, mo
     prepare(cfg, root, out, n_jobs=1)
     assert len(rendered) == 1
     _check_prepared(out, expected)
+    # Changed annotations: every mask of that split is rendered again.
+    instances = root / "annotations" / "instances_val2017.json"
+    coco = json.loads(instances.read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 201]
+    instances.write_text(json.dumps(coco))
+    rendered.clear()
+    assert prepare(cfg, root, out, n_jobs=1) == {"train2017": 3, "val2017": 2}
+    assert len(rendered) == 4 and not (out / "labels" / "val2017" / "000000000201.png").exists()
 
 
 def test_image_missing_from_the_annotations_is_named(coco_root, tmp_path):
