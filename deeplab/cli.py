@@ -67,8 +67,8 @@ def predict(
     = Path("predictions"),
     crf: Annotated[bool, typer.Option("--crf", help="Refine with the dense CRF (crf.* from the params).")] = False,
     dataset: Annotated[str | None, typer.Option(
-        help="Class names of this dataset (synthetic, voc12, cocostuff10k, cocostuff164k); when it differs from "
-             "the params, also its class count unless --n-classes.", show_default=False)] = None,
+        help="Class names of this dataset (synthetic, voc12, cocostuff10k, cocostuff164k, coco21); when it differs "
+             "from the params, also its class count unless --n-classes.", show_default=False)] = None,
     n_classes: Annotated[int | None, typer.Option(
         help="Class count of the weights' head (weights written by train know theirs).", show_default=False)]
     = None,

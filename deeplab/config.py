@@ -98,7 +98,7 @@ class CustomDatasetConfig(Section):
 
 
 class DatasetConfig(Section):
-    # One of deeplab.datasets.DATASETS: synthetic, voc12, cocostuff10k, cocostuff164k, custom.
+    # One of deeplab.datasets.DATASETS: synthetic, voc12, cocostuff10k, cocostuff164k, coco21, custom.
     name: str = "synthetic"
     # The dataset folder. The download stage's own output (params.yaml: data/raw; null here) is downloaded or
     # generated. Any other folder is a dataset already on disk: nothing is downloaded, its layout is checked, and

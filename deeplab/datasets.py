@@ -43,6 +43,7 @@ from deeplab.data import (
     write_list,
 )
 from deeplab.download import Archive
+from deeplab.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,110 @@ def _cocostuff164k_items(cfg: DatasetConfig, root: Path, split: str) -> list[Ite
     return items
 
 
+# --- COCO 2017 mapped to the 20 PASCAL VOC classes (21 with background) -------------------------------------
+
+# The COCO 2017 images, shared by cocostuff164k and coco21 (published md5, sha1 and size).
+COCO2017_IMAGES = (
+    Archive("http://images.cocodataset.org/zips/train2017.zip", "images",
+            md5="cced6f7f71b7629ddf16f17bbcfab6b2", sha1="10ad623668ab00c62c096f0ed636d6aff41faca5",
+            size=19_336_861_798),
+    Archive("http://images.cocodataset.org/zips/val2017.zip", "images",
+            md5="442b8da7639aecaf257c1dceb8ba8c80", sha1="4950dc9d00dbe1c933ee0170f5797584351d2a41",
+            size=815_585_330),
+)
+# COCO category id of each class index (0: background), the capstone's (jfzhang95's coco loader) list: the 20
+# VOC categories in VOC order.
+COCO21_CATEGORIES = (0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
+# Images whose mask has at most this many labelled (non-background) pixels are dropped, in both splits (the
+# capstone filters whichever split it loads).
+COCO21_MIN_PIXELS = 1000
+
+
+def _coco21_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
+    """The split's images; the label "as stored" is the split's instance annotations (prepare renders it)."""
+    annotations = root / "annotations" / f"instances_{split}.json"
+    images = sorted((root / "images" / split).glob("*.jpg"))
+    items = [Item(p.stem, p, annotations) for p in images]
+    check_files(items, f"{cfg.name} split {split!r}")
+    return items
+
+
+def coco21_mask(instances: Sequence[tuple[list | dict, int]], height: int, width: int) -> np.ndarray:
+    """The class-index mask of one image's instances ((segmentation, class index), in annotation order) as the
+    capstone renders it: polygons and RLE alike, crowd regions painted as their class like any instance (not
+    ignored), each pixel keeping the first instance that covers it, the rest background (0)."""
+    from pycocotools import mask as coco_mask
+
+    label = np.zeros((height, width), np.uint8)
+    for segmentation, c in instances:
+        if not segmentation:
+            continue
+        if isinstance(segmentation, dict) and not isinstance(segmentation["counts"], list):
+            rle = segmentation  # compressed RLE, decodable as it is
+        else:  # polygons (a list of them), or uncompressed RLE (crowd regions)
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        m = coco_mask.decode(rle)
+        covered = m.any(axis=2) if m.ndim == 3 else m.astype(bool)
+        label[covered & (label == 0)] = c
+    return label
+
+
+def _render_coco21(chunk: Sequence[tuple[str, int, int, list]], folder: Path) -> list[str]:
+    """Render and write each image's mask; returns the ids kept. A dropped image leaves an empty
+    ``<id>.small``, so that a resumed prepare skips it too."""
+    kept = []
+    for image_id, height, width, instances in chunk:
+        label = coco21_mask(instances, height, width)
+        if np.count_nonzero(label) > COCO21_MIN_PIXELS:
+            write_label(folder / f"{image_id}.png", label)  # atomic: a partial PNG never counts as finished
+            kept.append(image_id)
+        else:
+            (folder / f"{image_id}.small").touch()
+    return kept
+
+
+def _render_coco21_split(cfg: DatasetConfig, items: list[Item], out: Path, split: str, n_jobs: int) -> list[Item]:
+    """Masks rendered once from the instance annotations into ``out/labels/<split>/<id>.png`` (in parallel);
+    masks already there from an interrupted run on the same annotations are kept. Returns the images kept
+    (more than ``COCO21_MIN_PIXELS`` labelled pixels)."""
+    import hashlib
+    import json
+
+    annotations = items[0].label
+    try:
+        data = annotations.read_bytes()
+        coco = json.loads(data)
+        by_file = {im["file_name"]: im for im in coco["images"]}
+        instances: dict[int, list] = {im["id"]: [] for im in coco["images"]}
+        index = {cat: c for c, cat in enumerate(COCO21_CATEGORIES) if c}
+        for ann in coco["annotations"]:
+            if ann["category_id"] in index:
+                instances[ann["image_id"]].append((ann["segmentation"], index[ann["category_id"]]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{annotations}: cannot read the COCO instance annotations ({type(e).__name__}: {e})") from None
+    unknown = [it.image.name for it in items if it.image.name not in by_file]
+    if unknown:
+        raise DataError(f"{annotations}: {len(unknown)} images of split {split!r} have no entry, e.g. {unknown[0]}")
+    folder = out / "labels" / split
+    # Masks of other annotations (a changed file under the same name) are never taken as finished.
+    source, digest = folder / ".annotations.sha256", hashlib.sha256(data).hexdigest()
+    if not source.is_file() or source.read_text() != digest:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_text(source, digest)
+    todo = [(it.image_id, by_file[it.image.name]["height"], by_file[it.image.name]["width"],
+             instances[by_file[it.image.name]["id"]]) for it in items
+            if not (folder / f"{it.image_id}.png").exists() and not (folder / f"{it.image_id}.small").exists()]
+    log.info("%s split %s: %d of %d masks to render", cfg.name, split, len(todo), len(items))
+    if todo:
+        _chunked(todo, partial(_render_coco21, folder=folder), f"render {split}", "mask", n_jobs)
+    kept = [Item(it.image_id, it.image, folder / f"{it.image_id}.png") for it in items
+            if (folder / f"{it.image_id}.png").exists()]
+    log.info("%s split %s: %d of %d images have more than %d labelled pixels", cfg.name, split, len(kept),
+             len(items), COCO21_MIN_PIXELS)
+    return kept
+
+
 # --- custom: the user's own files, described by dataset.custom --------------------------------------------
 
 def _under(root: Path, name: str) -> Path:
@@ -345,15 +450,23 @@ DATASETS: dict[str, Dataset] = {
         items=_cocostuff164k_items,
         layout=("images/", "annotations/", "images/{split}/", "annotations/{split}/"),
         archives=(
-            Archive("http://images.cocodataset.org/zips/train2017.zip", "images",
-                    md5="cced6f7f71b7629ddf16f17bbcfab6b2", sha1="10ad623668ab00c62c096f0ed636d6aff41faca5",
-                    size=19_336_861_798),
-            Archive("http://images.cocodataset.org/zips/val2017.zip", "images",
-                    md5="442b8da7639aecaf257c1dceb8ba8c80", sha1="4950dc9d00dbe1c933ee0170f5797584351d2a41",
-                    size=815_585_330),
+            *COCO2017_IMAGES,
             Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
                     "stuffthingmaps_trainval2017.zip", "annotations"),
         ),
+    ),
+    # COCO 2017 instance masks mapped to the 20 VOC classes + background (the DeepLab v3+ COCO capstone's data):
+    # masks rendered by prepare from annotations/instances_<split>.json, small ones dropped.
+    "coco21": Dataset(
+        classes=VOC_CLASSES,
+        items=_coco21_items,
+        layout=("images/{split}/", "annotations/instances_{split}.json"),
+        archives=(
+            *COCO2017_IMAGES,
+            Archive("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", ".",
+                    sha1="8551ee4bb5860311e79dace7e79cb91e432e78b3"),
+        ),
+        convert=_render_coco21_split,
     ),
     # The user's own files under dataset.root, described by dataset.custom (README, "Your own dataset").
     "custom": Dataset(classes=(), items=_custom_items),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import threading
 import zipfile
@@ -212,3 +213,85 @@ def cocostuff164k_archives(n_train: int = 6, n_val: int = 3, seed: int = 2) -> d
     out["stuffthingmaps_trainval2017.zip"] = _zip(maps)
     return out
 
+
+
+def _box(y0: int, y1: int, x0: int, x1: int, size: int = 48) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _polygon(y0: int, y1: int, x0: int, x1: int) -> list[float]:
+    """A rectangle's outline; COCO's rasteriser fills exactly rows y0..y1-1, columns x0..x1-1."""
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def _rle(m: np.ndarray) -> dict:
+    """Uncompressed RLE, as COCO stores crowd regions: run lengths over the column-major pixels, from 0s."""
+    flat = m.flatten(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    counts = np.diff(np.concatenate([[0], edges])).tolist()
+    return {"counts": counts, "size": list(m.shape)}
+
+
+def coco21_fixture(seed: int = 3) -> tuple[dict[str, bytes], dict[str, dict[str, np.ndarray]]]:
+    """train2017.zip, val2017.zip and annotations_trainval2017.zip (instances_<split>.json) of 48x48 images,
+    and the 21-class mask prepare must render for each image it keeps (per split, by id). Covers polygons (one
+    and several per instance), uncompressed RLE (crowd and not), compressed RLE, overlaps (the first instance
+    keeps a pixel), categories outside the 21, an image without instances and the 1,000-pixel threshold
+    (1,000 dropped, 1,001 kept) in both splits."""
+    from pycocotools import mask as coco_mask
+
+    rng = np.random.default_rng(seed)
+    s = 48
+    person, car, dog, cat, bird, bus, cow, traffic_light = 1, 3, 18, 17, 16, 6, 21, 10  # COCO ids
+    first = lambda n: np.arange(s * s).reshape(s, s, order="F") < n  # noqa: E731 (first n column-major pixels)
+    compressed = coco_mask.encode(np.asfortranarray(_box(8, 44, 2, 38).astype(np.uint8)))
+    compressed["counts"] = compressed["counts"].decode()
+    # split -> [(instances: [(COCO category, segmentation, iscrowd)], expected mask or None if dropped)]
+    spec: dict[str, list[tuple[list, np.ndarray | None]]] = {"train2017": [], "val2017": []}
+    m = np.zeros((s, s), np.uint8)
+    m[_box(4, 40, 4, 40)] = 15
+    m[_box(30, 46, 30, 46) & (m == 0)] = 7
+    m[_box(0, 4, 0, 48)] = 12
+    m[_box(44, 48, 0, 20)] = 12
+    spec["train2017"].append(([(person, [_polygon(4, 40, 4, 40)], 0),
+                               (car, _rle(_box(30, 46, 30, 46)), 1),  # crowd: painted as car below the person
+                               (traffic_light, [_polygon(40, 48, 20, 30)], 0),  # not one of the 21: background
+                               (dog, [_polygon(0, 4, 0, 48), _polygon(44, 48, 0, 20)], 0)], m))
+    spec["train2017"].append(([(cat, _rle(_box(2, 42, 3, 43)), 0)], np.where(_box(2, 42, 3, 43), 8, 0)))
+    spec["train2017"].append(([(bird, [_polygon(0, 30, 0, 30)], 0)], None))  # 900 pixels: dropped
+    spec["train2017"].append(([], None))  # no instances
+    spec["train2017"].append(([(cow, _rle(first(1000)), 0)], None))  # exactly 1,000: dropped
+    spec["train2017"].append(([(cow, _rle(first(1001)), 0)], np.where(first(1001), 10, 0)))
+    spec["val2017"].append(([(bus, [_polygon(5, 40, 5, 40)], 0)], np.where(_box(5, 40, 5, 40), 6, 0)))
+    spec["val2017"].append(([(person, compressed, 1)], np.where(_box(8, 44, 2, 38), 15, 0)))
+    spec["val2017"].append(([(dog, [_polygon(10, 40, 10, 40)], 0)], None))  # 900 pixels: dropped too
+    spec["val2017"].append(([(dog, _rle(_box(0, 40, 0, 30)), 1)], np.where(_box(0, 40, 0, 30), 12, 0)))
+    out: dict[str, bytes] = {}
+    annotations: dict[str, bytes] = {}
+    expected: dict[str, dict[str, np.ndarray]] = {}
+    ann_id = 1
+    for k, (split, rows) in enumerate(spec.items()):
+        images, anns, zipped, expected[split] = [], [], {}, {}
+        for n, (instances, mask) in enumerate(rows):
+            image_id = 100 * (k + 1) + n
+            name = f"{image_id:012d}.jpg"
+            zipped[f"{split}/{name}"] = _jpeg(rng, s, s)
+            images.append({"id": image_id, "file_name": name, "height": s, "width": s})
+            for category, segmentation, crowd in instances:
+                anns.append({"id": ann_id, "image_id": image_id, "category_id": category, "iscrowd": crowd,
+                             "segmentation": segmentation, "area": 0.0, "bbox": [0, 0, 1, 1]})
+                ann_id += 1
+            if mask is not None:
+                expected[split][name.removesuffix(".jpg")] = mask.astype(np.uint8)
+        out[f"{split}.zip"] = _zip(zipped)
+        categories = [{"id": i, "name": f"c{i}", "supercategory": "x"} for i in range(1, 91)]
+        annotations[f"annotations/instances_{split}.json"] = json.dumps(
+            {"images": images, "annotations": anns, "categories": categories}).encode()
+    out["annotations_trainval2017.zip"] = _zip(annotations)
+    return out, expected
+
+
+def coco21_archives() -> dict[str, bytes]:
+    return coco21_fixture()[0]

@@ -246,7 +246,7 @@ def _write(tmp_path: Path, dataset: dict) -> Path:
      "dataset.custom.image: unknown key; did you mean dataset.custom.images? (allowed dataset.custom keys: images, "
      "labels, split_list, classes, colours, reduce_zero_label, label_map)"),
     ({"name": "coco"}, "dataset.name: unknown dataset 'coco' (allowed: synthetic, voc12, cocostuff10k, "
-                       "cocostuff164k, custom)"),
+                       "cocostuff164k, coco21, custom)"),
     ({"name": "custom"}, "dataset.name custom needs dataset.root (the dataset folder) and a dataset.custom"),
     ({"name": "custom", "root": "/d", "n_classes": 3, "custom": {"images": "{id}.jpg", "labels": "{id}.png",
                                                                   "classes": ["a", "b", "c"]}},

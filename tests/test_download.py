@@ -29,7 +29,7 @@ def server():
 
 def test_sources_table_holds_every_dataset_once():
     # Each dataset's archives are in its one entry; SOURCES holds the other downloads only.
-    assert {n for n, d in DATASETS.items() if d.archives} == {"voc12", "cocostuff10k", "cocostuff164k"}
+    assert {n for n, d in DATASETS.items() if d.archives} == {"voc12", "cocostuff10k", "cocostuff164k", "coco21"}
     assert "caffemodel" in SOURCES and not set(SOURCES) & set(DATASETS)
     voc = DATASETS["voc12"].archives[0]
     assert voc.filename == "VOCtrainval_11-May-2012.tar" and voc.md5 == "6cd6e144f989b92b3379bac3b3de84fd"
