@@ -102,6 +102,8 @@ class MSC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         logits = self.base(x)
+        if not self.scales:  # single scale: one output, one loss (a fused copy would count the loss twice)
+            return [logits] if self.training else logits
         size = logits.shape[-2:]
         pyramid = [self.base(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False))
                    for s in self.scales]

@@ -177,3 +177,18 @@ def test_v3_metadata_records_arch_stride_and_normalization(tmp_path):
     assert "output_stride" not in torch.load(tmp_path / "v2.pt", weights_only=True)["deeplab"]
     _, meta = read_weights_file(tmp_path / "v2.pt")
     assert (meta["output_stride"], meta["normalization"]) == (8, "caffe")
+
+
+def test_without_extra_scales_training_gives_one_output_for_one_loss():
+    from deeplab.train import multi_scale_loss, resize_labels
+
+    torch.manual_seed(0)
+    model = build_model(4, (1, 1, 1, 1), 8, scales=()).train()
+    x = torch.randn(2, 3, 33, 33)
+    outputs = model(x)
+    labels = torch.randint(0, 4, (2, 33, 33))
+    one = torch.nn.functional.cross_entropy(outputs[0], resize_labels(labels, outputs[0].shape[-2:]))
+    assert len(outputs) == 1 and torch.equal(multi_scale_loss(outputs, labels), one)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model.base(x))
