@@ -96,7 +96,9 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
                       colours=colour_table(d))
         mlflow.log_results({f"{kind}_{k}": v for k, v in s.items()})  # on the pipeline's parent run too
         data = Path(d.root) if d.root else Path("data/raw")
-        sizes = {split: len(read_list(lists / f"{split}.txt")) for split in dict.fromkeys((d.train_split, d.val_split))}
+        # Split sizes for MLflow's dataset profile only (the scores read the val list alone, evaluate's one list dep).
+        sizes = {split: len(read_list(lists / f"{split}.txt")) for split in dict.fromkeys((d.train_split, d.val_split))
+                 if (lists / f"{split}.txt").exists()}
         # DVC's hash of the dataset folder (the download stage's out, or a dep naming dataset.root); without one
         # (no DVC, or a root DVC does not track) the hash of the file lists, which name every file used.
         digest = dvc_hash(data) or dvc_hash(lists) or hashlib.md5(
