@@ -133,5 +133,14 @@ else
     step train_compile 240 $PY bench/train.py --modes fast compile --iters 20 --warmup 5 --profile 3
 fi
 
+# 2c. DeepLab v3+ (output stride 16, crop 513, batch 16: the seeds' recipe) training speed and memory.
+if [ $QUICK = 1 ]; then
+    step train_v3plus 60 $PY bench/train.py --quick --arch deeplabv3plus --output-stride 16 --modes fast --iters 1 \
+        --warmup 1 --batch 2 --size 65 --profile 0
+else
+    step train_v3plus 150 $PY bench/train.py --arch deeplabv3plus --output-stride 16 --size 513 --batch 16 \
+        --iter-size 1 --modes fast --iters 20 --warmup 5 --profile 0
+fi
+
 $PY bench/device_report.py summary "$RESULTS" | tee "$OUT/summary.txt"
 echo "results: $RESULTS ($(wc -l <"$RESULTS") lines, $((SECONDS - START)) s)"

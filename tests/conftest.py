@@ -107,7 +107,7 @@ for name, cmd in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
-def run_stages(root: Path, *names: str) -> subprocess.CompletedProcess:
+def run_stages(root: Path, *names: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the stages of root's dvc.yaml (only ``names`` if given) in order, in ONE Python process: for tests
     where the stages' work is under test and DVC is not (tests/test_pipeline.py tests `dvc repro` itself).
     Each stage otherwise pays its own interpreter, torch and MLflow start-up. Prints DVC's
@@ -120,7 +120,7 @@ def run_stages(root: Path, *names: str) -> subprocess.CompletedProcess:
     # Output to files, not pipes, and the process group killed after: a driver that dies midway (a signal)
     # leaves joblib's loky workers behind, holding inherited pipes open until their 300 s idle timeout.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=root, env=run_env(root), stdout=out, stderr=err, text=True,
+        proc = subprocess.Popen(cmd, cwd=root, env={**run_env(root), **(env or {})}, stdout=out, stderr=err, text=True,
                                 start_new_session=True)
         try:
             code = proc.wait()

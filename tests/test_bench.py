@@ -26,7 +26,8 @@ def test_bench_prints_one_json_line(tmp_path, script, extra):
     assert out["parity"]["images_per_s"] > 0 and out["fast"]["images_per_s"] > 0 and out["speedup"] > 0
 
 
-STEPS = ["env", "wheels", "pydensecrf", "cuda_tests", "train", "infer", "crf", "stages", "train_compile"]
+STEPS = ["env", "wheels", "pydensecrf", "cuda_tests", "train", "infer", "crf", "stages", "train_compile",
+         "train_v3plus"]
 
 
 def device_sh(tmp_path, *args, budget=None):
@@ -78,6 +79,9 @@ def test_device_check_quick_runs_every_step(tmp_path):
     compiled = by["train_compile"]
     assert compiled["modes"] == ["fast", "compile"] and compiled["compile"]["images_per_s"] > 0
     assert compiled["compile_vs_fast"] > 0
+    v3plus = by["train_v3plus"]
+    assert v3plus["arch"] == "deeplabv3plus" and v3plus["output_stride"] == 16 and v3plus["modes"] == ["fast"]
+    assert v3plus["fast"]["images_per_s"] > 0
     summary = (out / "summary.txt").read_text()
     assert "train fast/parity images/s" in summary and "crf 182: CUDA vs 1 pydensecrf core" in summary
 
