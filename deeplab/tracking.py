@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import signal
@@ -286,6 +287,20 @@ class StageRun:
                           profile=json.dumps({"splits": dict(sizes), "num_rows": sum(sizes.values())}))
         for run_id in (self.run_id, self.parent_id):
             self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "pipeline")])])
+
+    def log_dataset_lists(self, d: Any, lists: Path) -> None:  # d: a DatasetConfig (config imports pydantic)
+        """``log_dataset`` of the dataset that ``d`` (the DatasetConfig) names, read from prepare's ``lists``."""
+        from deeplab.data import read_list
+
+        data = Path(d.root) if d.root else Path("data/raw")
+        # Split sizes for the profile only (evaluate's scores read the val list alone, its one list dep).
+        files = {split: lists / f"{split}.txt" for split in dict.fromkeys((d.train_split, d.val_split))}
+        sizes = {split: len(read_list(f)) for split, f in files.items() if f.exists()}
+        # DVC's hash of the dataset folder (the download stage's out, or a dep naming dataset.root); without one
+        # (no DVC, or a root DVC does not track) the hash of the file lists, which name every file used.
+        digest = dvc_hash(data) or dvc_hash(lists) or hashlib.md5(
+            b"".join(files[split].read_bytes() for split in sizes)).hexdigest()
+        self.log_dataset(d.name, digest, {"uri": data.resolve().as_uri(), "lists": str(lists)}, sizes)
 
 
 def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:

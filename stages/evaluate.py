@@ -1,5 +1,4 @@
 import csv
-import hashlib
 import io
 import logging
 import re
@@ -16,7 +15,7 @@ from deeplab.datasets import class_names, colour_table
 from deeplab.files import write_json, write_text
 from deeplab.metrics import accumulate, scores
 from deeplab.stage import command
-from deeplab.tracking import dvc_hash, stage_run
+from deeplab.tracking import stage_run
 from deeplab.viz import plot_class_iou, plot_confusion, plot_examples, top_confusions
 
 log = logging.getLogger("stages.evaluate")
@@ -95,15 +94,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
                       ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png",
                       colours=colour_table(d))
         mlflow.log_results({f"{kind}_{k}": v for k, v in s.items()})  # on the pipeline's parent run too
-        data = Path(d.root) if d.root else Path("data/raw")
-        # Split sizes for MLflow's dataset profile only (the scores read the val list alone, evaluate's one list dep).
-        sizes = {split: len(read_list(lists / f"{split}.txt")) for split in dict.fromkeys((d.train_split, d.val_split))
-                 if (lists / f"{split}.txt").exists()}
-        # DVC's hash of the dataset folder (the download stage's out, or a dep naming dataset.root); without one
-        # (no DVC, or a root DVC does not track) the hash of the file lists, which name every file used.
-        digest = dvc_hash(data) or dvc_hash(lists) or hashlib.md5(
-            b"".join((lists / f"{split}.txt").read_bytes() for split in sizes)).hexdigest()
-        mlflow.log_dataset(d.name, digest, {"uri": data.resolve().as_uri(), "lists": str(lists)}, sizes)
+        mlflow.log_dataset_lists(d, lists)
         mlflow.log_metrics({f"{kind}_iou_{metric_key(n)}": v for n, v in zip(names, class_iou, strict=True)
                             if v is not None})
         mlflow.log_artifacts(str(dest), artifact_path=f"metrics/{kind}")
