@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deeplab.files import atomic_path, file_hash
+from deeplab.files import atomic_path
 
 IGNORE = 255
 
@@ -135,29 +135,13 @@ class Item:
 
 
 def write_list(path: str | Path, items: Sequence[Item], digests: Sequence[tuple[str, str]] | None = None) -> None:
-    """One line per item; with ``digests`` (the md5 of each item's image and label, see ``item_digests``) two
+    """One line per item; with ``digests`` (the md5 of each item's image and label) two
     more columns, so the list's own hash changes whenever a listed file's content does: the stages after prepare
     depend on the lists alone in dvc.yaml, not on the dataset folder."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         for n, it in enumerate(items):
             w.writerow([it.image_id, it.image.as_posix(), it.label.as_posix(), *(digests[n] if digests else ())])
-
-
-def _md5s(items: Sequence[Item]) -> list[tuple[str, str]]:
-    return [(file_hash(it.image), file_hash(it.label)) for it in items]
-
-
-def item_digests(items: Sequence[Item], n_jobs: int = -1) -> list[tuple[str, str]]:
-    """(image md5, label md5) per item, in parallel for large lists."""
-    if len(items) <= 1000:  # quicker in this process than starting workers
-        return _md5s(items)
-    from joblib import Parallel, delayed
-
-    size = max(1, min(1024, -(-len(items) // 16)))
-    chunks = [items[i:i + size] for i in range(0, len(items), size)]
-
-    return [d for chunk in Parallel(n_jobs=n_jobs)(delayed(_md5s)(c) for c in chunks) for d in chunk]
 
 
 def read_list(path: str | Path) -> list[Item]:

@@ -34,7 +34,6 @@ from deeplab.data import (
     Item,
     atomic_save,
     check_files,
-    item_digests,
     label_values_error,
     read_image,
     read_label,
@@ -43,7 +42,7 @@ from deeplab.data import (
     write_list,
 )
 from deeplab.download import Archive
-from deeplab.files import write_text
+from deeplab.files import file_hash, write_text
 
 log = logging.getLogger(__name__)
 
@@ -558,6 +557,10 @@ def _chunked(items: Sequence[Item], work: Callable[[Sequence[Item]], list], desc
     return out
 
 
+def _digests(chunk: Sequence[Item]) -> list[tuple[str, str]]:
+    return [(file_hash(it.image), file_hash(it.label)) for it in chunk]
+
+
 def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n_jobs: int = -1,
                 lut: np.ndarray | None = None) -> list[str]:
     """Every pair checked once, in parallel (with a progress bar); returns the problems found."""
@@ -603,6 +606,6 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         if lut is not None:
             items = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",
                              "label", n_jobs)
-        write_list(out / f"{split}.txt", items, item_digests(items, n_jobs))
+        write_list(out / f"{split}.txt", items, _chunked(items, _digests, f"hash {split}", "pair", n_jobs))
         log.info("%s split %s: %d images", cfg.name, split, len(items))
     return {split: len(items) for split, items in splits.items()}
