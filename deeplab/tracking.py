@@ -186,12 +186,10 @@ def _parent_run(client: Any, exp_id: str, stage: str, tags: dict[str, str], para
         if not client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                                   f"tags.`deeplab.stage` = '{stage}'", max_results=1):
             return parent_id
-    from mlflow.entities import Param
-
     parent = client.create_run(exp_id, run_name=f"pipeline {key}",
                                tags={**tags, "deeplab.role": "pipeline", "mlflow.source.name": "dvc.yaml"})
     used = select(params, [s for s in PIPELINE_SECTIONS if s in params])
-    client.log_batch(parent.info.run_id, params=[Param(k, _param_value(v)) for k, v in flatten(used).items()])
+    client.log_batch(parent.info.run_id, params=_params(flatten(used)))
     client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
@@ -225,8 +223,11 @@ def client(uri: str | None = None) -> Any:
     return c
 
 
-def _param_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, list | tuple) else str(v)
+def _params(params: Mapping[str, Any]) -> list[Any]:
+    """MLflow Params of flat ``params``, lists as JSON."""
+    from mlflow.entities import Param
+
+    return [Param(k, json.dumps(v) if isinstance(v, list | tuple) else str(v)) for k, v in params.items()]
 
 
 # The params sections that tell pipeline executions apart: logged on each parent run, so the runs table compares
@@ -254,9 +255,7 @@ class StageRun:
         self.log_metrics({key: value}, step)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        self.client.log_batch(self.run_id, params=_params(params))
 
     def log_param(self, key: str, value: Any) -> None:
         self.log_params({key: value})
