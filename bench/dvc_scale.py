@@ -4,11 +4,14 @@ this project on the cocostuff164k preset shrunk to a toy model, then timed:
 
     python bench/dvc_scale.py                 # 246,574 files (118,287 + 5,000 image/label pairs)
     python bench/dvc_scale.py --files 20000   # the same layout, scaled down
+    python bench/dvc_scale.py --outside       # the layout outside the repository, as dataset.root (README)
 
 Prints one JSON line: seconds for `dvc commit` of data/raw, a full `dvc repro` (wall, the stages' own commands,
 and DVC's part: the difference), a no-op `dvc repro`, `dvc status`, `dvc exp run -S crf.bi_w=5` (which stages ran
 and DVC's part), the disk used by data/ plus .dvc/cache (a hardlinked file counted once), and each DVC command's
-peak memory (its own process, not the stages it runs). Not part of `make test`; tests/test_bench.py smoke-runs it
+peak memory (its own process, not the stages it runs). With --outside the layout is a folder beside the repository,
+named by dataset.root: DVC hashes it in place as prepare's dependency (first in a `dvc status`, timed as
+`first_hash`), and the download stage only checks it. Not part of `make test`; tests/test_bench.py smoke-runs it
 at a small count."""
 
 from __future__ import annotations
@@ -106,9 +109,9 @@ def build_layout(root: Path, n_files: int, processes: int = 2, val_pairs: int | 
     return splits
 
 
-def toy_params() -> dict:
+def toy_params(root: str = "data/raw") -> dict:
     p = yaml.safe_load((REPO / "presets" / "cocostuff164k.yaml").read_text())
-    p["dataset"]["root"] = "data/raw"
+    p["dataset"]["root"] = root
     p["model"].update(n_blocks=[1, 1, 1, 1], width=8, scales=[])
     p["init"].update(source="scratch", path=None)
     p["train"].update(device="cpu", iterations=2, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2,
@@ -151,7 +154,7 @@ class Project:
                 "peak_mb": round(rec["peak_mb"]), "ran": ran}
 
 
-def make_project(root: Path, log: Path) -> Project:
+def make_project(root: Path, log: Path, dataset_root: str = "data/raw") -> Project:
     root.mkdir(parents=True)
     for name in PROJECT_FILES:
         src = REPO / name
@@ -160,7 +163,7 @@ def make_project(root: Path, log: Path) -> Project:
         elif src.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(toy_params(), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(toy_params(dataset_root), sort_keys=False))
     timer = log.with_suffix(".timer.py")
     timer.write_text(_TIMER)
     spec = yaml.safe_load((root / "dvc.yaml").read_text())
@@ -172,9 +175,11 @@ def make_project(root: Path, log: Path) -> Project:
     return Project(root, log)
 
 
-def disk_mb(root: Path) -> float:
-    """Blocks used by data/ and .dvc/cache together (du counts a file hardlinked into both once)."""
-    out = subprocess.run(["du", "-sk", "--total", "data", ".dvc/cache"], cwd=root, capture_output=True, text=True)
+def disk_mb(root: Path, paths: list[str] | None = None) -> float:
+    """Blocks used by ``paths`` under ``root`` (default data/ and .dvc/cache) together (du counts a file
+    hardlinked into both once)."""
+    out = subprocess.run(["du", "-sk", "--total", *(paths or ["data", ".dvc/cache"])], cwd=root,
+                         capture_output=True, text=True)
     return round(int(out.stdout.splitlines()[-1].split()[0]) / 1024, 1)
 
 
@@ -187,6 +192,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="a new folder to work in (default: a temporary one, removed)")
     ap.add_argument("--skip-exp", action="store_true", help="leave out the crf experiment")
     ap.add_argument("--cache-type", help="cache.type to try instead of the project's .dvc/config one")
+    ap.add_argument("--outside", action="store_true", help="the layout outside the repository, as dataset.root")
     args = ap.parse_args()
     tmp = None
     if args.workdir is None:
@@ -205,22 +211,26 @@ def bench(args: argparse.Namespace) -> dict:
     import dvc
 
     log = args.workdir / "dvc-commands.jsonl"
-    p = make_project(args.workdir / "repo", log)
+    dataset = args.workdir / "dataset" if args.outside else None
+    p = make_project(args.workdir / "repo", log, str(dataset) if dataset else "data/raw")
     p.run("git", "init", "-q", "-b", "main")
     p.run(sys.executable, "-m", "dvc", "init", "-q", "--force")
     shutil.copy2(REPO / ".dvc" / "config", p.root / ".dvc" / "config")  # the project's cache.type and settings
     if args.cache_type:
         p.run(sys.executable, "-m", "dvc", "config", "cache.type", args.cache_type)
     t0 = time.perf_counter()
-    splits = build_layout(p.root / "data" / "raw", args.files, args.processes, args.val_pairs)
+    splits = build_layout(dataset or p.root / "data" / "raw", args.files, args.processes, args.val_pairs)
     layout_s = time.perf_counter() - t0
     p.run("git", "add", "-A")
     p.run("git", "commit", "-q", "-m", "project")
     out: dict = {"bench": "dvc_scale", "dvc": dvc.__version__, "files": 2 * sum(splits.values()), "pairs": splits,
-                 "layout_s": round(layout_s, 1),
+                 "layout_s": round(layout_s, 1), "dataset": "outside" if dataset else "data/raw",
                  "cache_type": subprocess.run([sys.executable, "-m", "dvc", "config", "cache.type"], cwd=p.root,
                                               env=p.env, capture_output=True, text=True).stdout.strip()}
-    out["commit_raw"] = p.dvc("commit", "-f", "download")  # data/raw recorded as the download stage's output
+    if dataset:
+        out["first_hash"] = p.dvc("status")  # DVC hashes the folder in place, once
+    else:
+        out["commit_raw"] = p.dvc("commit", "-f", "download")  # data/raw recorded as the download stage's output
     out["full_repro"] = p.dvc("repro")
     p.run("git", "add", "-A")
     p.run("git", "commit", "-q", "-m", "ran the pipeline")
@@ -229,6 +239,8 @@ def bench(args: argparse.Namespace) -> dict:
     if not args.skip_exp:
         out["crf_exp"] = p.dvc("exp", "run", "-S", "crf.bi_w=5")
     out["disk_mb"] = {"data+cache": disk_mb(p.root)}
+    if dataset:
+        out["disk_mb"]["dataset"] = disk_mb(dataset, ["."])
     out["peak_mb"] = max(v["peak_mb"] for v in out.values() if isinstance(v, dict) and "peak_mb" in v)
     return out
 

@@ -172,9 +172,11 @@ def extract(archive: Path, target: Path) -> None:
 
 def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/downloads")) -> Path:
     """Produce the dataset under ``out``: generated (synthetic), checked in place (``dataset.root`` set), or
-    downloaded, verified and extracted. Work happens in a temporary sibling folder that replaces ``out`` only
-    when complete, so an interrupted or failed stage never leaves a half-made ``out``."""
-    from deeplab.datasets import DATASETS, check_layout, class_names, finish_layout
+    downloaded, verified and extracted. A ``dataset.root`` folder that is absent or empty is first downloaded
+    into (a built-in dataset), so a large dataset can live outside the repository from the start. Work happens
+    in a temporary folder that replaces the target only when complete, so an interrupted or failed stage never
+    leaves a half-made dataset."""
+    from deeplab.datasets import DATASETS, check_layout, class_names
 
     ds = DATASETS[cfg.name]
     class_names(cfg)  # a custom dataset's class file that does not fit fails here, before anything is made
@@ -184,24 +186,48 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
         ds.generate(cfg, tmp)
     elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
         root = Path(cfg.root)
+        if ds.archives and not _holds_anything(root):
+            log.info("dataset.root %s is empty: downloading the %s dataset into it", root, cfg.name)
+            _download_into(cfg, root, downloads)
         check_layout(cfg, root)
         tmp.mkdir(parents=True)
         write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
-        log.info("using the %s dataset already at %s; nothing downloaded", cfg.name, root)
+        log.info("using the %s dataset at %s", cfg.name, root)
     elif not ds.archives:
         raise DownloadError(f"dataset.root: the {cfg.name} dataset has nothing to download; set it to the "
                             "dataset's folder")
     else:
-        for archive in ds.archives:
-            path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename))
-            log.info("extracting %s", path.name)
-            extract(path, tmp / archive.into)
-        finish_layout(cfg, tmp)
-        check_layout(cfg, tmp)
+        _download_into(cfg, tmp, downloads)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("dataset %s ready in %s", cfg.name, out)
     return out
+
+
+_PARTIAL = ".deeplab-partial"  # the folder a dataset is extracted into, inside its target, until complete
+
+
+def _holds_anything(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name != _PARTIAL for p in folder.iterdir())
+
+
+def _download_into(cfg: DatasetConfig, target: Path, downloads: Path) -> None:
+    """Download, verify and extract the archives of ``cfg``'s dataset into ``target`` (absent or empty): in
+    ``target/.deeplab-partial`` first, whose entries move into ``target`` once the layout checks out (a rename
+    on one filesystem, and ``target`` may be a mount point)."""
+    from deeplab.datasets import DATASETS, check_layout, finish_layout
+
+    tmp = target / _PARTIAL
+    shutil.rmtree(tmp, ignore_errors=True)
+    for archive in DATASETS[cfg.name].archives:
+        path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename))
+        log.info("extracting %s", path.name)
+        extract(path, tmp / archive.into)
+    finish_layout(cfg, tmp)
+    check_layout(cfg, tmp)
+    for entry in tmp.iterdir():
+        entry.rename(target / entry.name)
+    tmp.rmdir()
 
 
 def fetch_caffemodel(downloads: Path, name: str = "init.caffemodel", base_url: str | None = None,

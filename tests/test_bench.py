@@ -1,6 +1,7 @@
 """The benchmarks run (CPU-sized) and print one JSON line with both paths; so does every step of the GPU check
 (bench/device.sh --quick)."""
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO, run_env
 
@@ -111,21 +113,33 @@ def test_device_record_keeps_why_a_step_failed(tmp_path):
     assert rows[2]["status"] == "timeout" and rows[2]["speedup"] == 3.5  # what it printed before the kill is kept
 
 
-def test_dvc_scale_bench_smoke(tmp_path):
+@pytest.mark.parametrize("layout", ["repo", "outside"])
+def test_dvc_scale_bench_smoke(tmp_path, layout):
     """bench/dvc_scale.py at a few dozen files: one JSON line with every row of issue 15's table, and the crf
-    experiment reran nothing before crf."""
+    experiment reran nothing before crf; with --outside the dataset folder is prepare's dependency alone."""
     env = {**run_env(tmp_path), "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, str(REPO / "bench" / "dvc_scale.py"), "--files", "40",
-                          "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
+                          "--workdir", str(tmp_path / "work"), *(["--outside"] if layout == "outside" else [])],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert out["files"] == 40
-    assert out["full_repro"]["ran"] == ["prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"]
+    stages = ["prepare", "init", "train", "logits", "crf", "evaluate@raw", "evaluate@crf"]
+    assert out["full_repro"]["ran"] == (["download", *stages] if layout == "outside" else stages)
     # evaluate@crf follows when the new maps differ (at this size they may come out the same)
     assert out["noop_repro"]["ran"] == [] and out["crf_exp"]["ran"] in (["crf"], ["crf", "evaluate@crf"])
-    for row in ("commit_raw", "full_repro", "noop_repro", "status", "crf_exp"):
+    first = "first_hash" if layout == "outside" else "commit_raw"
+    for row in (first, "full_repro", "noop_repro", "status", "crf_exp"):
         assert out[row]["s"] > 0 and out[row]["dvc_s"] > 0 and out[row]["peak_mb"] > 0, row
     assert 0 < out["full_repro"]["stages_s"] < out["full_repro"]["s"]
     assert out["disk_mb"]["data+cache"] > 0 and out["peak_mb"] >= out["noop_repro"]["peak_mb"]
+    if layout == "outside":
+        lock = yaml.safe_load((tmp_path / "work" / "repo" / "dvc.lock").read_text())["stages"]
+        dataset = str(tmp_path / "work" / "dataset")
+        assert [d["nfiles"] for d in lock["prepare"]["deps"] if d["path"] == dataset] == [40]
+        assert out["disk_mb"]["dataset"] > 0
+        image = next((tmp_path / "work" / "dataset" / "images").rglob("*.jpg"))  # hashed in place, never cached
+        md5 = hashlib.md5(image.read_bytes()).hexdigest()
+        assert not (tmp_path / "work" / "repo" / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).exists()

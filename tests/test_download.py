@@ -200,3 +200,45 @@ def test_cocostuff164k_labels(server, tmp_path):
     assert [it.image_id for it in val] == sorted(it.image_id for it in val) and len(val) == 3
     assert set(np.unique(read_label(val[0].label)).tolist()) == {0, 181, 255}
     assert class_names(cfg)[181] == "wood"
+
+
+def test_an_absent_or_empty_dataset_root_is_downloaded_into_and_used_in_place(server, tmp_path):
+    """A large dataset can live outside the repository from the start: the download stage fills an empty
+    dataset.root (DVC then hashes it in place as prepare's dependency, and never copies it)."""
+    files = cocostuff164k_archives(2, 1)
+    server.files.update(files)
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "outside" / "coco", tmp_path / "empty"):
+        cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017",
+                   root=str(root))
+        raw = tmp_path / f"raw-{root.name}"
+        assert fetch_dataset(cfg, raw, tmp_path / "downloads") == raw
+        assert [p.name for p in raw.iterdir()] == ["external.json"]  # the repo's folder holds no copy
+        assert len(split_items(cfg, root, "val2017")) == 1 and len(split_items(cfg, root, "train2017")) == 2
+        assert sorted(p.name for p in root.iterdir()) == ["annotations", "images"]  # no partial folder left
+
+
+def test_a_dataset_root_holding_files_is_never_downloaded_into(server, tmp_path):
+    files = cocostuff164k_archives(2, 1)
+    server.files.update(files)
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine\n")
+    cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017",
+               root=str(root))
+    with pytest.raises(DataError, match=r"cocostuff164k dataset at .*mine is incomplete: missing images \(folder\)"):
+        fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    assert [p.name for p in root.iterdir()] == ["notes.txt"] and not (tmp_path / "downloads").exists()
+
+
+def test_a_failed_download_into_an_empty_root_leaves_it_empty(server, tmp_path):
+    files = cocostuff164k_archives(2, 1)
+    server.files.update(files)
+    root = tmp_path / "coco"
+    cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017",
+               root=str(root))
+    cfg.checksums["val2017.zip"] = {"md5": "f" * 32}
+    with pytest.raises(DownloadError, match="val2017.zip: md5 mismatch"):
+        fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    assert not (tmp_path / "raw").exists()
+    assert not root.exists() or not any(p.name != ".deeplab-partial" for p in root.iterdir())
