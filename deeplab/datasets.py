@@ -481,7 +481,9 @@ def class_names(cfg: DatasetConfig) -> list[str]:
 def check_layout(cfg: DatasetConfig, root: Path) -> None:
     """Raise naming every expected folder or split list that is missing under ``root``."""
     if not root.is_dir():
-        raise DataError(f"dataset.root {root}: folder not found")
+        # E.g. a clone of a repo whose dataset.root is outside it: DVC pulls outputs, not the folder.
+        hint = " (`dvc repro -f download` downloads the dataset into it)" if DATASETS[cfg.name].archives else ""
+        raise DataError(f"dataset.root {root}: folder not found{hint}")
     layout = DATASETS[cfg.name].layout
     splits = dict.fromkeys((cfg.train_split, cfg.val_split))
     need = [n for n in layout if "{split}" not in n] + [n.format(split=s) for s in splits for n in layout

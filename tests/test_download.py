@@ -153,7 +153,7 @@ def test_dataset_root_with_missing_folder_is_named(server, tmp_path):
     with pytest.raises(DataError, match=r"missing VOCdevkit/VOC2012/SegmentationClassAug \(folder\)"):
         fetch_dataset(local, tmp_path / "raw2")
     assert not (tmp_path / "raw2").exists() and not (tmp_path / ".raw2.partial").exists()
-    with pytest.raises(DataError, match=r"dataset.root .*nope: folder not found"):
+    with pytest.raises(DataError, match=r"dataset.root .*nope: folder not found \(`dvc repro -f download` downloads"):
         check_layout(local, tmp_path / "nope")
 
 
