@@ -604,10 +604,40 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         splits[split] = items
     if bad:
         raise bad_pairs_error(bad, sum(map(len, splits.values())), f"{cfg.name} dataset at {root}")
+    keep = set()
     for split, items in splits.items():
         if lut is not None:
             items = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",
                              "label", n_jobs)
         write_list(out / f"{split}.txt", items, _chunked(items, _digests, f"hash {split}", "pair", n_jobs))
         log.info("%s split %s: %d images", cfg.name, split, len(items))
+        keep |= {out / f"{split}.txt", *(p for it in items for p in (it.image, it.label))}
+    prune(out, keep)
     return {split: len(items) for split, items in splits.items()}
+
+
+_PRUNED_SUFFIXES = {".png", ".jpg", ".jpeg", ".mat", ".txt", ".tmp"}
+
+
+def prune(out: Path, keep: set[Path]) -> int:
+    """Remove what an earlier run left in ``out`` and this one did not write or reuse, so that ``out`` holds
+    what a run from scratch makes: the ``keep`` files and, in the folders holding them, the stamps and markers a
+    conversion keeps beside them (coco21's annotation digest, ``<id>.small``). prepare's output persists in
+    dvc.yaml (coco21's renders survive an interrupted ``dvc repro``), so DVC no longer empties it first.
+    Returns the number of files removed."""
+    keep = {p.absolute() for p in keep}
+    active = {p.parent for p in keep}
+    removed = 0
+    for p in sorted(out.rglob("*"), key=lambda q: len(q.parts), reverse=True):  # files before their folders
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+            continue
+        a = p.absolute()
+        if a in keep or (a.parent in active and p.suffix.lower() not in _PRUNED_SUFFIXES):
+            continue
+        p.unlink()
+        removed += 1
+    if removed:
+        log.info("prepare: removed %d files an earlier run left in %s", removed, out)
+    return removed

@@ -98,6 +98,10 @@ def test_prepare_resumes_and_never_counts_a_partial_mask(coco_root, tmp_path, mo
     prepare(cfg, root, out, n_jobs=1)
     assert len(rendered) == 1
     _check_prepared(out, expected)
+    # The resumed folder holds what a run from scratch makes, markers and annotation digests included.
+    prepare(cfg, root, tmp_path / "fresh", n_jobs=1)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(
+        str(p.relative_to(tmp_path / "fresh")) for p in (tmp_path / "fresh").rglob("*"))
     # Changed annotations: every mask of that split is rendered again.
     instances = root / "annotations" / "instances_val2017.json"
     coco = json.loads(instances.read_text())

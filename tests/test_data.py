@@ -180,6 +180,29 @@ def test_prepare_lists_and_missing_file_named(tmp_path):
         voc_layout_items(tmp_path / "raw", "test")
 
 
+def test_prepare_leaves_what_a_run_from_scratch_makes(tmp_path):
+    """prepare's output persists between DVC runs (dvc.yaml): what an earlier run left and this one did not
+    write is removed (another split's list, its labels, a temporary file of a killed run); nothing else is."""
+    from deeplab.config import DatasetConfig
+    from deeplab.datasets import prepare
+
+    synthetic.generate(tmp_path / "raw", 3, 2, 32, 32, 4, seed=0)
+    cfg = DatasetConfig(n_classes=4)
+    prepare(cfg, tmp_path / "raw", tmp_path / "fresh")
+    out = tmp_path / "lists"
+    stale = [out / "train_old.txt", out / "labels" / "train_old" / "x.png", out / ".val.txt.123.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("left by an earlier run")
+    prepare(cfg, tmp_path / "raw", out)
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    assert files(out) == files(tmp_path / "fresh") == ["train.txt", "val.txt"]
+    assert (out / "val.txt").read_bytes() == (tmp_path / "fresh" / "val.txt").read_bytes()
+
+
 def test_list_roundtrip_and_bad_list(tmp_path):
     items = [Item("a b", tmp_path / "x y.jpg", tmp_path / "l.png")]
     write_list(tmp_path / "l.txt", items)

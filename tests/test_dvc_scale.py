@@ -52,8 +52,15 @@ def test_a_file_no_split_lists_reruns_prepare_only(outside):
     """The folder's hash changes, so prepare reruns; its lists record content and come out identical, so
     nothing after prepare reruns. (A file only touched reruns nothing: DVC compares content, not mtimes.)"""
     root, dataset = outside
+
+    def prepared():
+        (out,) = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+        return out["md5"]
+
+    before = prepared()
     (dataset / "NOTES.txt").write_text("labelled by hand\n")
     assert stages_run(sh(root, "dvc", "repro").stdout) == ["prepare"]
+    assert prepared() == before  # its output persists (dvc.yaml) and comes out as a run from scratch makes it
     label = val_label(dataset)
     st = label.stat()
     os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
