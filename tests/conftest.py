@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def tiny_params(**overrides: object) -> dict:
     p["dataset"]["synthetic"].update(n_train=12, n_val=4, height=64, width=64)
     p["model"].update(n_blocks=[1, 1, 1, 1], width=8)
     p["train"].update(iterations=40, batch_size=2, iter_size=1, crop_size=49, checkpoint_every=20, log_every=10)
-    p["crf"].update(n_jobs=2)
+    # One CRF job: 2 would start loky workers (~6 s of CPU a crf stage, more than its tiny CRF work); the
+    # parallel path is tests/test_crf.py's (loky and Dask at n_jobs=2, errors re-raised from a worker).
+    p["crf"].update(n_jobs=1)
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         p[section][name] = value
@@ -50,15 +53,79 @@ def run_env(root: Path) -> dict[str, str]:
     return env
 
 
-def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=root, env=run_env(root), capture_output=True, text=True)
+# For stages run where MLflow is not under test: each stage process then skips MLflow's import and store
+# (2-3 s of CPU; ~5 s for a whole pipeline in one process).
+NO_TRACKING = {"DEEPLAB_TRACKING": "off"}
+
+
+def sh(root: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``root`` (run_env, updated by ``env``: e.g. DEEPLAB_TRACKING=off where MLflow is not under
+    test, 2-3 s of MLflow start-up saved in every stage process)."""
+    res = subprocess.run(cmd, cwd=root, env={**run_env(root), **(env or {})}, capture_output=True, text=True)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res
 
 
-def make_project(root: Path, params: dict) -> Path:
-    """A git repository holding this project's pipeline with ``params``, committed."""
+_CONFIG: pytest.Config | None = None  # this run's, for its temporary folder
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config
+
+
+def _shared_tmp() -> Path | None:
+    """This test run's temporary folder, shared by the xdist workers; None outside pytest."""
+    if _CONFIG is None or not hasattr(_CONFIG, "_tmp_path_factory"):
+        return None
+    base = _CONFIG._tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def empty_store() -> Path | None:
+    """An MLflow SQLite store as the first tracked stage run creates it, before it writes anything: tables made
+    by MLflow's own migrations and its Default experiment. Built once per test run (under a file lock shared by
+    the xdist workers): the migrations are ~1 s of CPU in every project otherwise. None outside pytest."""
+    shared = _shared_tmp()
+    if shared is None:
+        return None
+    db = shared / "empty-mlflow-store" / "mlflow.db"
+    if not db.exists():
+        with open(shared / "empty-mlflow-store.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not db.exists():
+                building = db.parent / "building"
+                shutil.rmtree(building, ignore_errors=True)
+                building.mkdir(parents=True)
+                res = subprocess.run([sys.executable, "-c", "import sys; from deeplab.tracking import client; "
+                                      "client(sys.argv[1])", f"sqlite:///{building / 'mlflow.db'}"], cwd=REPO,
+                                     env=run_env(building), capture_output=True, text=True)
+                assert res.returncode == 0, res.stderr[-3000:]
+                os.replace(building / "mlflow.db", db)
+    return db
+
+
+def _copy_empty_store(root: Path) -> None:
+    """``empty_store()`` as ``root/mlflow.db``, its Default experiment made where and when MLflow would make it
+    there (the stages run in ``root``): the stages see the store the second stage of a pipeline sees, and create
+    the "deeplab" experiment and its tags themselves."""
+    template = empty_store()
+    if template is None:
+        return
+    shutil.copyfile(template, root / "mlflow.db")
+    con = sqlite3.connect(root / "mlflow.db")
+    with con:
+        now = int(time.time() * 1000)
+        con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                    "WHERE experiment_id = 0", (str(root.resolve() / "mlruns" / "0"), now, now))
+    con.close()
+
+
+def make_project(root: Path, params: dict, mlflow_store: bool = True) -> Path:
+    """A git repository holding this project's pipeline with ``params``, committed. With ``mlflow_store`` its
+    mlflow.db is there already, empty (``_copy_empty_store``); a test that checks that nothing created one
+    passes False."""
     root.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = REPO / name
@@ -72,6 +139,8 @@ def make_project(root: Path, params: dict) -> Path:
     sh(root, "git", "init", "-q", "-b", "main")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "project")
+    if mlflow_store:
+        _copy_empty_store(root)
     return root
 
 
