@@ -264,10 +264,77 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     started.wait()  # the lock is held before any worker starts
 
 
+# Rough seconds of the slow tests (a 2-core run under xdist, every parameter alike), for the order below only: a
+# missing or stale entry costs some wall time, never a result.
+SLOW_TESTS = {
+    "test_crf_search.py::test_crf_grid_search_through_the_dvc_queue": 75,
+    "test_bench.py::test_device_check_quick_runs_every_step": 65,
+    "test_custom_dataset.py::test_custom_dataset_through_dvc_repro": 45,
+    "test_released.py::test_released_weights_score_without_training": 40,
+    "test_bench.py::test_dvc_scale_bench_smoke": 35, "test_coco21.py::test_dvc_repro_to_metrics": 25,
+    "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 25,
+    "test_bench.py::test_bench_prints_one_json_line": 20,
+    "test_crf.py::test_dask_cluster_gives_the_loky_labels": 20,
+    "test_pipeline.py::test_exp_run_temp_logs_into_main_store": 20,
+    "test_pipeline.py::test_logits_sharded_over_two_processes_match": 20,
+    "test_deeplabv3.py::test_whole_tiny_pipeline_runs_with_v3_archs": 15,
+    "test_released.py::test_scoring_the_train_val_caffemodel_on_voc_val_warns": 15,
+    "test_distributed.py::test_kill_9_then_resume_matches_uninterrupted": 15,
+    "test_pipeline.py::test_crf_param_change_reruns_only_crf_and_evaluate": 15,
+    "test_pipeline.py::test_train_param_change_does_not_rerun_data_stages": 15,
+    "test_datasets_pipeline.py::test_pipeline_on_fixture_dataset": 12,
+    "test_pipeline_faults.py::test_forced_train_rerun_trains_from_the_start": 10,
+    "test_distributed.py::test_two_gloo_processes_stay_in_sync": 10,
+    "test_init_stage.py": 6, "test_tracking.py": 5,  # each test of these modules
+}
+# Modules whose tests share a module-scoped fixture, with their rough seconds: each is one xdist work unit
+# (pytest_xdist_make_scheduler), so the fixture is built once, not on each worker.
+GROUPED = {"test_dvc_scale.py": 150, "test_readme.py": 40, "test_ui.py": 25, "test_remote.py": 7, "test_caffe.py": 5}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0].split("/")[-1]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """xdist's default (``load``) hands out tests one by one, which would build a GROUPED module's fixture on both
+    workers; its ``loadgroup`` would not (xdist 3.8 renames the tests, which pytest 9 ignores). So: one work unit
+    per GROUPED module, one per test otherwise, handed out in collection order (``--no-loadscope-reorder``)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _module(nodeid) if _module(nodeid) in GROUPED else nodeid
+
+    config.option.loadscopereorder = False
+    return Scheduler(config, log)
+
+
+def _weight(nodeid: str) -> float:
+    name = nodeid.split("/")[-1].split("[")[0]
+    return SLOW_TESTS.get(name, SLOW_TESTS.get(name.split("::")[0], 0.5))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that read the shared run last, so it is built meanwhile; a stable sort keeps every xdist worker's
-    # collection in the same order.
-    items.sort(key=lambda item: "tiny_pipeline" in getattr(item, "fixturenames", ()))
+    """Order for 2 xdist workers: the run ends when its last test does, so the slow work units go first, longest
+    first (a long one started last runs on alone), then the rest; within each, the tests that read the shared run
+    after those that do not, so it is built meanwhile (by the controller: pytest_sessionstart). A stable sort
+    keeps every worker's collection in the same order."""
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        units.setdefault(_module(item.nodeid) if _module(item.nodeid) in GROUPED else item.nodeid, []).append(item)
+
+    def key(unit: list[pytest.Item]) -> tuple[bool, bool, float]:
+        module = _module(unit[0].nodeid)
+        weight = GROUPED[module] if module in GROUPED else _weight(unit[0].nodeid)
+        shared = any("tiny_pipeline" in getattr(item, "fixturenames", ()) for item in unit)
+        slow = weight >= 10
+        return not slow, shared, -weight if slow else 0
+
+    items[:] = [item for unit in sorted(units.values(), key=key) for item in unit]
 
 
 @pytest.fixture(scope="session")
