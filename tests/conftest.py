@@ -73,6 +73,11 @@ _CONFIG: pytest.Config | None = None  # this run's, for its temporary folder
 def pytest_configure(config: pytest.Config) -> None:
     global _CONFIG
     _CONFIG = config
+    # One intra-op thread in every test process and what it starts (set before anything imports torch; xdist's
+    # workers and every stage inherit it): the two workers already keep both cores busy, and the thread pools of
+    # torch and OpenBLAS at the suite's tiny sizes spend more CPU waiting on each other than they save (the tiny
+    # pipeline's train stage: 4.9 s of CPU with 1 thread, 6.5 s with 2, alone on the machine).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _shared_tmp() -> Path | None:
