@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def tiny_params(**overrides: object) -> dict:
     p["dataset"]["synthetic"].update(n_train=12, n_val=4, height=64, width=64)
     p["model"].update(n_blocks=[1, 1, 1, 1], width=8)
     p["train"].update(iterations=40, batch_size=2, iter_size=1, crop_size=49, checkpoint_every=20, log_every=10)
-    p["crf"].update(n_jobs=2)
+    # One CRF job: 2 would start loky workers (~6 s of CPU a crf stage, more than its tiny CRF work); the
+    # parallel path is tests/test_crf.py's (loky and Dask at n_jobs=2, errors re-raised from a worker).
+    p["crf"].update(n_jobs=1)
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         p[section][name] = value
@@ -50,15 +53,84 @@ def run_env(root: Path) -> dict[str, str]:
     return env
 
 
-def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=root, env=run_env(root), capture_output=True, text=True)
+# For stages run where MLflow is not under test: each stage process then skips MLflow's import and store
+# (2-3 s of CPU; ~5 s for a whole pipeline in one process).
+NO_TRACKING = {"DEEPLAB_TRACKING": "off"}
+
+
+def sh(root: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``root`` (run_env, updated by ``env``: e.g. DEEPLAB_TRACKING=off where MLflow is not under
+    test, 2-3 s of MLflow start-up saved in every stage process)."""
+    res = subprocess.run(cmd, cwd=root, env={**run_env(root), **(env or {})}, capture_output=True, text=True)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res
 
 
-def make_project(root: Path, params: dict) -> Path:
-    """A git repository holding this project's pipeline with ``params``, committed."""
+_CONFIG: pytest.Config | None = None  # this run's, for its temporary folder
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config
+    # One intra-op thread in every test process and what it starts (set before anything imports torch; xdist's
+    # workers and every stage inherit it): the two workers already keep both cores busy, and the thread pools of
+    # torch and OpenBLAS at the suite's tiny sizes spend more CPU waiting on each other than they save (the tiny
+    # pipeline's train stage: 4.9 s of CPU with 1 thread, 6.5 s with 2, alone on the machine).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _shared_tmp() -> Path | None:
+    """This test run's temporary folder, shared by the xdist workers; None outside pytest."""
+    if _CONFIG is None or not hasattr(_CONFIG, "_tmp_path_factory"):
+        return None
+    base = _CONFIG._tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def empty_store() -> Path | None:
+    """An MLflow SQLite store as the first tracked stage run creates it, before it writes anything: tables made
+    by MLflow's own migrations and its Default experiment. Built once per test run (under a file lock shared by
+    the xdist workers): the migrations are ~1 s of CPU in every project otherwise. None outside pytest."""
+    shared = _shared_tmp()
+    if shared is None:
+        return None
+    db = shared / "empty-mlflow-store" / "mlflow.db"
+    if not db.exists():
+        with open(shared / "empty-mlflow-store.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not db.exists():
+                building = db.parent / "building"
+                shutil.rmtree(building, ignore_errors=True)
+                building.mkdir(parents=True)
+                res = subprocess.run([sys.executable, "-c", "import sys; from deeplab.tracking import client; "
+                                      "client(sys.argv[1])", f"sqlite:///{building / 'mlflow.db'}"], cwd=REPO,
+                                     env=run_env(building), capture_output=True, text=True)
+                assert res.returncode == 0, res.stderr[-3000:]
+                os.replace(building / "mlflow.db", db)
+    return db
+
+
+def _copy_empty_store(root: Path) -> None:
+    """``empty_store()`` as ``root/mlflow.db``, its Default experiment made where and when MLflow would make it
+    there (the stages run in ``root``): the stages see the store the second stage of a pipeline sees, and create
+    the "deeplab" experiment and its tags themselves."""
+    template = empty_store()
+    if template is None:
+        return
+    shutil.copyfile(template, root / "mlflow.db")
+    con = sqlite3.connect(root / "mlflow.db")
+    with con:
+        now = int(time.time() * 1000)
+        con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                    "WHERE experiment_id = 0", (str(root.resolve() / "mlruns" / "0"), now, now))
+    con.close()
+
+
+def make_project(root: Path, params: dict, mlflow_store: bool = True) -> Path:
+    """A git repository holding this project's pipeline with ``params``, committed. With ``mlflow_store`` its
+    mlflow.db is there already, empty (``_copy_empty_store``); a test that checks that nothing created one
+    passes False."""
     root.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = REPO / name
@@ -72,6 +144,8 @@ def make_project(root: Path, params: dict) -> Path:
     sh(root, "git", "init", "-q", "-b", "main")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "project")
+    if mlflow_store:
+        _copy_empty_store(root)
     return root
 
 
@@ -195,10 +269,75 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     started.wait()  # the lock is held before any worker starts
 
 
+# Rough seconds of the slow tests (a 2-core run under xdist, every parameter alike), for the order below only: a
+# missing or stale entry costs some wall time, never a result.
+SLOW_TESTS = {
+    "test_crf_search.py::test_crf_grid_search_through_the_dvc_queue": 75,
+    "test_bench.py::test_device_check_quick_runs_every_step": 65,
+    "test_custom_dataset.py::test_custom_dataset_through_dvc_repro": 40,
+    "test_released.py::test_released_weights_score_without_training": 35,
+    "test_bench.py::test_dvc_scale_bench_smoke": 35, "test_coco21.py::test_dvc_repro_to_metrics": 25,
+    "test_crf.py::test_dask_cluster_gives_the_loky_labels": 20,
+    "test_deeplabv3.py::test_whole_tiny_pipeline_runs_with_v3_archs": 15,
+    "test_distributed.py::test_kill_9_then_resume_matches_uninterrupted": 15,
+    "test_released.py::test_scoring_the_train_val_caffemodel_on_voc_val_warns": 12,
+    "test_datasets_pipeline.py::test_pipeline_on_fixture_dataset": 12,
+    "test_pipeline.py::test_exp_run_temp_logs_into_main_store": 11,
+    "test_pipeline.py::test_train_param_change_does_not_rerun_data_stages": 11,
+    "test_distributed.py::test_two_gloo_processes_stay_in_sync": 10,
+    "test_pipeline.py::test_logits_sharded_over_two_processes_match": 9,
+    "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 8,
+    "test_bench.py::test_bench_prints_one_json_line": 8,
+    "test_init_stage.py": 6, "test_tracking.py": 5,  # each test of these modules
+}
+# Modules whose tests share a module-scoped fixture, with their rough seconds: each is one xdist work unit
+# (pytest_xdist_make_scheduler), so the fixture is built once, not on each worker.
+GROUPED = {"test_dvc_scale.py": 150, "test_readme.py": 40, "test_ui.py": 25, "test_remote.py": 7, "test_caffe.py": 5}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0].split("/")[-1]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """xdist's default (``load``) hands out tests one by one, which would build a GROUPED module's fixture on both
+    workers; its ``loadgroup`` would not (xdist 3.8 renames the tests, which pytest 9 ignores). So: one work unit
+    per GROUPED module, one per test otherwise, handed out in collection order (``--no-loadscope-reorder``)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _module(nodeid) if _module(nodeid) in GROUPED else nodeid
+
+    config.option.loadscopereorder = False
+    return Scheduler(config, log)
+
+
+def _weight(nodeid: str) -> float:
+    name = nodeid.split("/")[-1].split("[")[0]
+    return SLOW_TESTS.get(name, SLOW_TESTS.get(name.split("::")[0], 0.5))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that read the shared run last, so it is built meanwhile; a stable sort keeps every xdist worker's
-    # collection in the same order.
-    items.sort(key=lambda item: "tiny_pipeline" in getattr(item, "fixturenames", ()))
+    """Order for 2 xdist workers: the run ends when its last test does, so the slow work units go first, longest
+    first (a long one started last runs on alone), then the rest; within each, the tests that read the shared run
+    after those that do not, so it is built meanwhile (by the controller: pytest_sessionstart). A stable sort
+    keeps every worker's collection in the same order."""
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        units.setdefault(_module(item.nodeid) if _module(item.nodeid) in GROUPED else item.nodeid, []).append(item)
+
+    def key(unit: list[pytest.Item]) -> tuple[bool, bool, float]:
+        module = _module(unit[0].nodeid)
+        weight = GROUPED[module] if module in GROUPED else _weight(unit[0].nodeid)
+        shared = any("tiny_pipeline" in getattr(item, "fixturenames", ()) for item in unit)
+        slow = weight >= 10
+        return not slow, shared, -weight if slow else 0
+
+    items[:] = [item for unit in sorted(units.values(), key=key) for item in unit]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,9 @@ import yaml
 from tests.conftest import REPO, run_env
 
 
-@pytest.mark.parametrize("script,extra", [("train.py", ["--iters", "2", "--warmup", "1", "--batch", "2"]),
+# 65 px crops and one profiled step (device.sh --quick's sizes): half the CPU of train.py's --quick defaults
+@pytest.mark.parametrize("script,extra", [("train.py", ["--iters", "2", "--warmup", "1", "--batch", "2", "--size", "65",
+                                                        "--profile", "1"]),
                                           ("infer.py", ["--images", "2", "--warmup", "1"])])
 def test_bench_prints_one_json_line(tmp_path, script, extra):
     env = {**run_env(tmp_path), "PYTHONPATH": str(REPO)}

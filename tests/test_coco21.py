@@ -13,7 +13,7 @@ from deeplab.data import VOC_CLASSES, DataError, read_label, read_list
 from deeplab.datasets import DATASETS, class_names, prepare
 from deeplab.download import fetch_dataset
 from deeplab.predict import resolve_params
-from tests.conftest import make_project, sh, stages_run, tiny_params
+from tests.conftest import NO_TRACKING, make_project, sh, stages_run, tiny_params
 from tests.official_layouts import ArchiveServer, coco21_fixture, md5
 
 SPLITS = dict(train_split="train2017", val_split="val2017")
@@ -131,7 +131,7 @@ def test_dvc_repro_to_metrics(tmp_path):
             "checksums": {f: {"md5": md5(data)} for f, data in files.items()}}
         params["train"].update(iterations=2, checkpoint_every=2, log_every=1)
         root = make_project(tmp_path / "repo", params)
-        res = sh(root, "dvc", "repro", "evaluate@raw")  # the CRF's way is the same for every dataset
+        res = sh(root, "dvc", "repro", "evaluate@raw", env=NO_TRACKING)  # the CRF's way is the same for every dataset
     assert {"download", "prepare", "train", "evaluate@raw"} <= set(stages_run(res.stdout))
     _check_prepared(root / "data" / "prepared", expected, root)
     scores = json.loads((root / "metrics" / "raw" / "scores.json").read_text())

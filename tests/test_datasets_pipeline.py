@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import make_project, run_stages, stages_run, tiny_params
+from tests.conftest import NO_TRACKING, make_project, run_stages, stages_run, tiny_params
 from tests.official_layouts import ArchiveServer, cocostuff10k_archive, cocostuff164k_archives, md5, voc_archives
 
 CASES = {
@@ -31,7 +31,7 @@ def test_pipeline_on_fixture_dataset(tmp_path, name):
             "checksums": {f: {"md5": md5(data)} for f, data in files.items()}, **dataset}
         params["train"]["iterations"] = 4
         root = make_project(tmp_path / "repo", params)
-        res = run_stages(root)
+        res = run_stages(root, env=NO_TRACKING)  # MLflow is not under test here
     assert "crf" in stages_run(res.stdout)
     assert sorted(p.name for p in (root / "data" / "downloads").iterdir() if p.suffix != ".json") == sorted(files)
     for kind in ("raw", "crf"):

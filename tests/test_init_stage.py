@@ -8,7 +8,7 @@ import yaml
 
 from deeplab.caffe import write_caffemodel
 from deeplab.models import build_model, read_state_dict
-from tests.conftest import make_project, run_stages, sh, tiny_params
+from tests.conftest import NO_TRACKING, make_project, run_stages, sh, tiny_params
 from tests.official_layouts import ArchiveServer, md5
 from tests.test_caffe import small_layers
 
@@ -30,7 +30,7 @@ def test_init_downloads_and_converts_caffemodel(tmp_path):
         server.files["prototxt_and_model.zip"] = data
         params["init"].update(source="caffemodel", base_url=server.url, checksums={"md5": md5(data)})
         root = make_project(tmp_path / "repo", params)
-        res = run_stages(root, "download", "prepare", "init")  # in one process: DVC is not under test here
+        res = run_stages(root, "download", "prepare", "init", env=NO_TRACKING)  # one process: DVC is not under test
         assert len(server.log) == 1
     state = torch.load(root / "data/models/init.pt", weights_only=True)
     conv1 = next(la for la in layers if la.name == "conv1")
@@ -47,7 +47,7 @@ def test_init_from_local_caffemodel_with_other_classes_and_checkpoint(tmp_path):
     params = tiny_params()
     params["init"].update(source="caffemodel", path=str(tmp_path / "init.caffemodel"))
     root = make_project(tmp_path / "repo", params)
-    res = sh(root, "python", "-m", "stages.init")
+    res = sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert "fresh" in res.stderr  # 21-class head does not fit 6 classes
     state = torch.load(root / "data/models/init.pt", weights_only=True)
     assert state["base.aspp.c0.weight"].shape[0] == 6
@@ -56,7 +56,7 @@ def test_init_from_local_caffemodel_with_other_classes_and_checkpoint(tmp_path):
     torch.save({"model": other.state_dict()}, tmp_path / "ckpt.pth")
     params["init"].update(source="checkpoint", path=str(tmp_path / "ckpt.pth"))
     (root / "params.yaml").write_text(__import__("yaml").safe_dump(params))
-    res = sh(root, "python", "-m", "stages.init")
+    res = sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert "classifier head initialised fresh (8 tensors)" in res.stderr
     state = torch.load(root / "data/models/init.pt", weights_only=True)
     assert torch.equal(state["base.layer5.block1.reduce.conv.weight"], other.base.layer5.block1.reduce.conv.weight)
@@ -88,7 +88,7 @@ def test_checkpoint_written_by_train_is_checked_against_the_model(tmp_path):
     params = tiny_params()
     params["model"].update(width=16, atrous_rates=[6, 12, 18, 24])
     params["init"].update(source="checkpoint", path=str(trained))
-    root = make_project(tmp_path / "repo", params)
+    root = make_project(tmp_path / "repo", params, mlflow_store=False)
     res = sh(root, "python", "-m", "stages.init", check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert (f"error: init.path: {trained}: the checkpoint was trained with another model: "
@@ -97,7 +97,7 @@ def test_checkpoint_written_by_train_is_checked_against_the_model(tmp_path):
 
     params["model"]["width"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    res = sh(root, "python", "-m", "stages.init")
+    res = sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert "input mean [100.0, 110.0, 120.0], dataset.mean_bgr is [104.008, 116.669, 122.675]" in res.stderr
     assert "classifier head initialised fresh (8 tensors)" in res.stderr  # 4 classes trained, 6 configured
     init = torch.load(root / "data/models/init.pt", weights_only=True)
@@ -117,7 +117,7 @@ def test_checkpoint_takes_the_references_coco_init_layout(tmp_path):
     params = tiny_params()
     params["init"].update(source="checkpoint", path=str(tmp_path / "deeplabv1_resnet101-coco.pth"))
     root = make_project(tmp_path / "repo", params)
-    res = sh(root, "python", "-m", "stages.init")
+    res = sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert "in the reference's DeepLabV1 layout (its COCO init): backbone keys prefixed with base., its classifier " \
            "(fc.bias, fc.weight) dropped" in res.stderr
     assert "classifier head initialised fresh (8 tensors)" in res.stderr
@@ -143,7 +143,7 @@ def test_init_from_torchvision_weights_for_both_stride_placements(tmp_path):
     params = tiny_params(**{"model.width": 64})
     params["init"].update(source="torchvision", path=str(tmp_path / "resnet.pth"))
     root = make_project(tmp_path / "repo", params)
-    res = sh(root, "python", "-m", "stages.init")  # deeplabv2, Caffe-style: the stride sits elsewhere
+    res = sh(root, "python", "-m", "stages.init", env=NO_TRACKING)  # deeplabv2, Caffe-style: the stride sits elsewhere
     assert "strides the first 1x1 conv (reduce) of res3, while torchvision's weights" in res.stderr
     assert "fresh (the head, seeded init): 8 tensors of base.aspp" in res.stderr
     assert "dataset.normalization is caffe: set it to imagenet" in res.stderr
@@ -156,7 +156,7 @@ def test_init_from_torchvision_weights_for_both_stride_placements(tmp_path):
     params["model"].update(arch="deeplabv3plus", output_stride=16, atrous_rates=None)
     params["dataset"]["normalization"] = "imagenet"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    res = sh(root, "python", "-m", "stages.init")
+    res = sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert "strides the first 1x1" not in res.stderr and "set it to imagenet" not in res.stderr
     assert "of base.aspp, base.classifier, base.decoder" in res.stderr
     state = torch.load(root / "data/models/init.pt", weights_only=True)
@@ -169,7 +169,7 @@ def test_torchvision_weights_of_another_depth_are_refused_before_a_run(tmp_path)
     small_torchvision_resnet(tmp_path / "resnet.pth")
     params = tiny_params(**{"model.width": 64, "model.n_blocks": [1, 1, 2, 1]})
     params["init"].update(source="torchvision", path=str(tmp_path / "resnet.pth"))
-    root = make_project(tmp_path / "repo", params)
+    root = make_project(tmp_path / "repo", params, mlflow_store=False)
     res = sh(root, "python", "-m", "stages.init", check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert (f"error: init.path: {tmp_path / 'resnet.pth'}: the torchvision ResNet has n_blocks [1, 1, 1, 1] and "

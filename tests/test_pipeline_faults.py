@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import copy_project, run_env, sh, stages_run
+from tests.conftest import NO_TRACKING, copy_project, run_env, sh, stages_run
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def cache_object(root, md5: str):
 
 
 def test_forced_train_rerun_trains_from_the_start(project):
-    res = sh(project, "dvc", "repro", "-f", "-s", "train")
+    res = sh(project, "dvc", "repro", "-f", "-s", "train", env=NO_TRACKING)  # MLflow: not under test
     assert stages_run(res.stdout) == ["train"]
     assert "holds a finished run (iteration 40): training again from the start" in res.stderr
     assert "resuming from" not in res.stderr
@@ -56,8 +56,8 @@ def test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params(projec
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     progress = project / "data" / "crf_progress"
     before = {d.name for d in progress.iterdir()}
-    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=run_env(project), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env={**run_env(project), **NO_TRACKING},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def new_maps():
         return [p for d in progress.iterdir() if d.name not in before for p in d.glob("*.png")]
@@ -70,7 +70,7 @@ def test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params(projec
     done = len(new_maps())
     n_val = params["dataset"]["synthetic"]["n_val"]
     assert 1 <= done < n_val, f"{done} of {n_val} maps at the kill: the test needs a slower CRF"
-    res = sh(project, "dvc", "repro")
+    res = sh(project, "dvc", "repro", env=NO_TRACKING)
     assert stages_run(res.stdout) == ["crf", "evaluate@crf"]
     assert f"crf: {done} of {n_val} label maps reused" in res.stderr
     # The resumed run gives what an uninterrupted run with these params gives.
