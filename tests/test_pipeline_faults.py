@@ -53,6 +53,7 @@ def test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params(projec
     resumes. Maps made with other params (the first run's) are not reused."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["crf"]["iterations"] = 250  # about 0.7 s an image here: time to kill it half-way
+    params["crf"]["n_jobs"] = 2  # loky's worker processes inside the DVC stage, killed with it
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     progress = project / "data" / "crf_progress"
     before = {d.name for d in progress.iterdir()}
