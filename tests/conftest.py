@@ -286,7 +286,7 @@ SLOW_TESTS = {
     "test_pipeline.py::test_train_param_change_does_not_rerun_data_stages": 11,
     "test_distributed.py::test_two_gloo_processes_stay_in_sync": 10,
     "test_pipeline.py::test_logits_sharded_over_two_processes_match": 9,
-    "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 8,
+    "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 24,
     "test_bench.py::test_bench_prints_one_json_line": 8,
     "test_init_stage.py": 6, "test_tracking.py": 5,  # each test of these modules
 }

@@ -127,6 +127,10 @@ def _cfg(name, server, files, **kw):
     return DatasetConfig(name=name, base_url=server.url, checksums=sums, **kw)
 
 
+def _coco164k(server, files, **kw):
+    return _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017", **kw)
+
+
 def test_voc_download_extract_and_read(server, tmp_path, voc_fixtures):
     files = voc_archives()
     server.files.update(files)
@@ -194,7 +198,7 @@ def test_cocostuff10k_labels(server, tmp_path):
 def test_cocostuff164k_labels(server, tmp_path):
     files = cocostuff164k_archives()
     server.files.update(files)
-    cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017")
+    cfg = _coco164k(server, files)
     root = fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
     val = split_items(cfg, root, "val2017")
     assert [it.image_id for it in val] == sorted(it.image_id for it in val) and len(val) == 3
@@ -209,8 +213,7 @@ def test_an_absent_or_empty_dataset_root_is_downloaded_into_and_used_in_place(se
     server.files.update(files)
     (tmp_path / "empty").mkdir()
     for root in (tmp_path / "outside" / "coco", tmp_path / "empty"):
-        cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017",
-                   root=str(root))
+        cfg = _coco164k(server, files, root=str(root))
         raw = tmp_path / f"raw-{root.name}"
         assert fetch_dataset(cfg, raw, tmp_path / "downloads") == raw
         assert [p.name for p in raw.iterdir()] == ["external.json"]  # the repo's folder holds no copy
@@ -224,8 +227,7 @@ def test_a_dataset_root_holding_files_is_never_downloaded_into(server, tmp_path)
     root = tmp_path / "mine"
     root.mkdir()
     (root / "notes.txt").write_text("mine\n")
-    cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017",
-               root=str(root))
+    cfg = _coco164k(server, files, root=str(root))
     with pytest.raises(DataError, match=r"cocostuff164k dataset at .*mine is incomplete: missing images \(folder\)"):
         fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
     assert [p.name for p in root.iterdir()] == ["notes.txt"] and not (tmp_path / "downloads").exists()
@@ -235,8 +237,7 @@ def test_a_failed_download_into_an_empty_root_leaves_it_empty(server, tmp_path):
     files = cocostuff164k_archives(2, 1)
     server.files.update(files)
     root = tmp_path / "coco"
-    cfg = _cfg("cocostuff164k", server, files, n_classes=182, train_split="train2017", val_split="val2017",
-               root=str(root))
+    cfg = _coco164k(server, files, root=str(root))
     cfg.checksums["val2017.zip"] = {"md5": "f" * 32}
     with pytest.raises(DownloadError, match="val2017.zip: md5 mismatch"):
         fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")

@@ -15,6 +15,11 @@ from tests.conftest import NO_TRACKING, make_project, sh, stages_run, tiny_param
 VAL_ONWARDS = ["prepare", "logits", "crf", "evaluate@raw", "evaluate@crf"]
 
 
+def dvc(root, *args):
+    """A DVC command in ``root``, its stages untracked: MLflow is not under test here."""
+    return sh(root, "dvc", *args, env=NO_TRACKING)
+
+
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory):
     """A finished, committed pipeline whose dataset.root is a folder outside the repository."""
@@ -25,7 +30,7 @@ def outside(tmp_path_factory):
     synthetic.generate(dataset, s["n_train"], s["n_val"], s["height"], s["width"], p["dataset"]["n_classes"], s["seed"])
     p["dataset"]["root"] = str(dataset)
     root = make_project(tmp / "repo", p)
-    res = sh(root, "dvc", "repro", env=NO_TRACKING)
+    res = dvc(root, "repro")
     assert "prepare" in stages_run(res.stdout)
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-q", "-m", "ran the pipeline")
@@ -45,7 +50,7 @@ def test_prepare_depends_on_the_outside_folder_and_nothing_else_does(outside):
     assert deps["prepare"][str(dataset)]["md5"].endswith(".dir")  # DVC hashed the folder's files
     assert deps["prepare"][str(dataset)]["nfiles"] == sum(p.is_file() for p in dataset.rglob("*"))
     assert not any("data/raw" in d for stage in deps.values() for d in stage)  # the repo's data/raw: unused
-    assert "Data and pipelines are up to date" in sh(root, "dvc", "status", env=NO_TRACKING).stdout
+    assert "Data and pipelines are up to date" in dvc(root, "status").stdout
 
 
 def test_a_file_no_split_lists_reruns_prepare_only(outside):
@@ -59,12 +64,12 @@ def test_a_file_no_split_lists_reruns_prepare_only(outside):
 
     before = prepared()
     (dataset / "NOTES.txt").write_text("labelled by hand\n")
-    assert stages_run(sh(root, "dvc", "repro", env=NO_TRACKING).stdout) == ["prepare"]
+    assert stages_run(dvc(root, "repro").stdout) == ["prepare"]
     assert prepared() == before  # its output persists (dvc.yaml) and comes out as a run from scratch makes it
     label = val_label(dataset)
     st = label.stat()
     os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert "Data and pipelines are up to date" in sh(root, "dvc", "status", env=NO_TRACKING).stdout
+    assert "Data and pipelines are up to date" in dvc(root, "status").stdout
 
 
 def test_changed_label_bytes_rerun_what_reads_it_and_crf_params_still_rerun_only_crf(outside):
@@ -76,14 +81,14 @@ def test_changed_label_bytes_rerun_what_reads_it_and_crf_params_still_rerun_only
     edited = Image.fromarray(values, mode="P")
     edited.putpalette(palette)
     edited.save(label)
-    status = sh(root, "dvc", "status", env=NO_TRACKING).stdout
+    status = dvc(root, "status").stdout
     assert "prepare:" in status and f"modified:           {dataset}" in status
-    res = sh(root, "dvc", "repro", env=NO_TRACKING)
+    res = dvc(root, "repro")
     # A validation label: the val list changes, the train list does not, so training is not redone.
     assert stages_run(res.stdout) == VAL_ONWARDS
-    assert "Data and pipelines are up to date" in sh(root, "dvc", "status", env=NO_TRACKING).stdout
+    assert "Data and pipelines are up to date" in dvc(root, "status").stdout
     sh(root, "git", "commit", "-q", "-am", "label edited")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["crf"]["bi_w"] = 5.0
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(sh(root, "dvc", "repro", env=NO_TRACKING).stdout) == ["crf", "evaluate@crf"]
+    assert stages_run(dvc(root, "repro").stdout) == ["crf", "evaluate@crf"]
