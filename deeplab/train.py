@@ -23,7 +23,7 @@ from tqdm import tqdm
 from deeplab.config import DatasetConfig, ModelConfig, TrainConfig
 from deeplab.data import IGNORE, DataError
 from deeplab.datasets import class_colours, class_names
-from deeplab.files import atomic_path, file_hash, fingerprint, save_torch
+from deeplab.files import atomic_path, file_hash, fingerprint, remove_stale_temps, save_torch
 from deeplab.loader import Augment, DrawSampler, SegmentationDataset, worker_error
 from deeplab.models import build_model, freeze_bn, is_v2, load_weights, refusal_message, weights_file
 
@@ -254,6 +254,9 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
                       dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
     start, rows = 0, []
+    if dist.rank == 0:
+        for stale in (*remove_stale_temps(checkpoint), *remove_stale_temps(out_weights)):
+            log.info("removed %s, left by a training process that was killed while writing it", stale)
     if tcfg.iterations == 0:
         log.info("train.iterations is 0: no training, the init weights %s are saved as %s", init_weights, out_weights)
     elif checkpoint.exists():
