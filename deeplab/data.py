@@ -9,6 +9,7 @@ stages that run no model (download, prepare, evaluate) never import torch.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +74,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
 
-def read_label(path: str | Path) -> np.ndarray:
-    """Class indices uint8 HxW. Palette PNGs are decoded by palette index (never by colour)."""
+def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """Class indices uint8 HxW. Palette PNGs are decoded by palette index (never by colour). ``data``: the
+    file's bytes, already read (``path`` then only names it in errors)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             if im.mode not in ("P", "L"):
                 raise DataError(f"{path}: label must be a palette or grayscale image, got mode {im.mode}")
             return np.array(im, dtype=np.uint8)

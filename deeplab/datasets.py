@@ -10,6 +10,8 @@ dataset's ``label_map``) is converted into ``data/prepared`` by prepare, after e
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import logging
 import re
 import shutil
@@ -513,30 +515,44 @@ def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
 MAX_REPORTED = 20  # bad pairs listed in one error
 
 
-def pair_problem(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None = None) -> str | None:
+def check_pair(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None = None,
+               ) -> tuple[str | None, tuple[str, str]]:
     """What is wrong with one image/label pair (missing, unreadable, sizes differ, label values out of range
-    after ``lut``), or None. The image is read to its header only; the label is decoded."""
+    after ``lut``), or None; and the md5 of its image and label (the list's digest columns, as DVC computes
+    them). Each file is read once: the image's bytes hashed and decoded to its header only, the label's hashed
+    and decoded."""
+    digests = ("", "")
     try:
-        with Image.open(item.image) as im:
+        data = item.image.read_bytes()
+        digests = (hashlib.md5(data).hexdigest(), "")
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees: read_image swaps them
                 w, h = h, w
     except FileNotFoundError:
-        return f"{item.image}: image file not found"
+        return f"{item.image}: image file not found", digests
     except (OSError, SyntaxError, ValueError) as e:
-        return f"{item.image}: cannot read image ({e})"
+        return f"{item.image}: cannot read image ({e})", digests
     try:
-        label = read_label(item.label)
+        data = item.label.read_bytes()
+    except FileNotFoundError:
+        return f"{item.label}: label file not found", digests
+    except OSError as e:
+        return f"{item.label}: cannot read label ({e})", digests
+    digests = (digests[0], hashlib.md5(data).hexdigest())
+    try:
+        label = read_label(item.label, data)
     except DataError as e:
-        return str(e)
+        return str(e), digests
     if label.shape != (h, w):
-        return f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}"
+        return f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}", digests
     problem = label_values_error(label, n_classes, ignore, lut)
-    return f"{item.label}: {problem}" if problem else None
+    return (f"{item.label}: {problem}" if problem else None), digests
 
 
-def _problems(chunk: Sequence[Item], n_classes: int, ignore: int, lut: np.ndarray | None) -> list[str]:
-    return [msg for it in chunk if (msg := pair_problem(it, n_classes, ignore, lut))]
+def _check_chunk(chunk: Sequence[Item], n_classes: int, ignore: int,
+                 lut: np.ndarray | None) -> list[tuple[str | None, tuple[str, str]]]:
+    return [check_pair(it, n_classes, ignore, lut) for it in chunk]
 
 
 def _chunked(items: Sequence[Item], work: Callable[[Sequence[Item]], list], desc: str, unit: str,
@@ -559,15 +575,13 @@ def _chunked(items: Sequence[Item], work: Callable[[Sequence[Item]], list], desc
     return out
 
 
-def _digests(chunk: Sequence[Item]) -> list[tuple[str, str]]:
-    return [(file_hash(it.image), file_hash(it.label)) for it in chunk]
-
-
 def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n_jobs: int = -1,
-                lut: np.ndarray | None = None) -> list[str]:
-    """Every pair checked once, in parallel (with a progress bar); returns the problems found."""
-    return _chunked(items, partial(_problems, n_classes=n_classes, ignore=ignore, lut=lut), f"check {what}",
-                    "pair", n_jobs)
+                lut: np.ndarray | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every pair checked and hashed in one pass, in parallel (with a progress bar): the problems found, and
+    each item's (image md5, label md5) in order."""
+    results = _chunked(items, partial(_check_chunk, n_classes=n_classes, ignore=ignore, lut=lut), f"check {what}",
+                       "pair", n_jobs)
+    return [p for p, _ in results if p], [d for _, d in results]
 
 
 def bad_pairs_error(bad: Sequence[str], n_items: int, what: str) -> DataError:
@@ -576,12 +590,13 @@ def bad_pairs_error(bad: Sequence[str], n_items: int, what: str) -> DataError:
     return DataError(f"{what}: {len(bad)} of {n_items} image/label pairs are bad:\n  {shown}{more}")
 
 
-def _remap(chunk: Sequence[Item], lut: np.ndarray, folder: Path) -> list[Item]:
+def _remap(chunk: Sequence[Item], lut: np.ndarray, folder: Path) -> list[tuple[Item, str]]:
+    """Each label written remapped under ``folder``; the new item and the md5 of the file written."""
     out = []
     for it in chunk:
         path = folder / f"{it.image_id}.png"
         write_label(path, lut[read_label(it.label)])
-        out.append(Item(it.image_id, it.image, path))
+        out.append((Item(it.image_id, it.image, path), file_hash(path)))
     return out
 
 
@@ -594,26 +609,31 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
     check_layout(cfg, root)
     class_names(cfg)  # a custom class file that does not fit fails here, before any image is read
     lut = label_lut(cfg)
-    splits: dict[str, list[Item]] = {}
+    splits: dict[str, tuple[list[Item], list[tuple[str, str]]]] = {}
     bad: list[str] = []
     for split in dict.fromkeys((cfg.train_split, cfg.val_split)):
         items = split_items(cfg, root, split)
         if ds.convert is not None:
             items = ds.convert(cfg, items, out, split, n_jobs)
-        bad += check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}", n_jobs, lut)
-        splits[split] = items
+        found, digests = check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}",
+                                     n_jobs, lut)
+        bad += found
+        splits[split] = items, digests
     if bad:
-        raise bad_pairs_error(bad, sum(map(len, splits.values())), f"{cfg.name} dataset at {root}")
+        raise bad_pairs_error(bad, sum(len(items) for items, _ in splits.values()), f"{cfg.name} dataset at {root}")
     keep = set()
-    for split, items in splits.items():
-        if lut is not None:
-            items = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",
-                             "label", n_jobs)
-        write_list(out / f"{split}.txt", items, _chunked(items, _digests, f"hash {split}", "pair", n_jobs))
+    for split, (items, digests) in splits.items():
+        if lut is not None:  # the list names the remapped label: its digest is the written file's
+            remapped = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",
+                                "label", n_jobs)
+            items = [it for it, _ in remapped]
+            digests = [(image_md5, label_md5) for (image_md5, _), (_, label_md5) in zip(digests, remapped,
+                                                                                       strict=True)]
+        write_list(out / f"{split}.txt", items, digests)
         log.info("%s split %s: %d images", cfg.name, split, len(items))
         keep |= {out / f"{split}.txt", *(p for it in items for p in (it.image, it.label))}
     prune(out, keep)
-    return {split: len(items) for split, items in splits.items()}
+    return {split: len(items) for split, (items, _) in splits.items()}
 
 
 _PRUNED_SUFFIXES = {".png", ".jpg", ".jpeg", ".mat", ".txt", ".tmp"}

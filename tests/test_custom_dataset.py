@@ -283,3 +283,25 @@ def test_class_names_with_commas_stay_one_csv_column():
     assert list(csv.reader(text.splitlines())) == [["class", "iou"], ["background", "0.500000"],
                                                    ['car, "parked"', ""], ["sky (clear)", "0.250000"]]
     assert metric_key('car, "parked"') == "car_ _parked_" and metric_key("road-2.a b") == "road-2.a b"
+
+
+def test_list_digests_are_the_listed_files_md5_remapped_labels_included(tmp_path):
+    """The md5 columns are what DVC would compute for the very files the list names: for a remapped custom
+    dataset the written label, not the source one (the stages after prepare rerun on them)."""
+    import csv
+
+    from deeplab.files import file_hash
+
+    data = tmp_path / "data"
+    camvid_style(data)
+    plain = DatasetConfig(name="custom", root=str(data), n_classes=4, val_split="test",
+                          custom={"images": "{split}/{id}.png", "labels": "{split}annot/{id}.png",
+                                  "classes": ["a", "b", "c", "void"]})
+    remapped = _custom(data, label_map={3: 255}).model_copy(update={"val_split": "test"})
+    for cfg, custom, out in ((plain, False, tmp_path / "plain"), (remapped, True, tmp_path / "remapped")):
+        prepare(cfg, data, out)
+        rows = list(csv.reader((out / "train.txt").open(), delimiter="\t"))
+        assert rows and all(len(r) == 5 for r in rows)
+        for _, image, label, image_md5, label_md5 in rows:
+            assert (image_md5, label_md5) == (file_hash(image), file_hash(label))
+            assert Path(label).is_relative_to(out) == bool(custom)
