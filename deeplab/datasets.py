@@ -10,6 +10,7 @@ dataset's ``label_map``) is converted into ``data/prepared`` by prepare, after e
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import re
 import shutil
@@ -42,7 +43,7 @@ from deeplab.data import (
     write_list,
 )
 from deeplab.download import Archive
-from deeplab.files import file_hash, write_text
+from deeplab.files import file_hash, fingerprint, write_text
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class Dataset:
 def table_names(table: Sequence[str], n_classes: int) -> list[str]:
     """The first ``n_classes`` names of a table; indices past its end are named ``class<i>``."""
     return [table[i] if i < len(table) else f"class{i}" for i in range(n_classes)]
+
+
+def source_digest(*functions: Callable) -> str:
+    """Digest of the source of the functions a conversion runs: its resumable results are keyed by it, as the
+    CRF's and train's are by their code (DVC reruns prepare when datasets.py changes, the results must follow)."""
+    return fingerprint(*(inspect.getsource(f) for f in functions))
 
 
 # --- synthetic: generated in the VOC layout ---------------------------------------------------------------
@@ -170,8 +177,11 @@ def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _warp_one(item: Item, size: int, out: Path) -> Item:
-    image_path, label_path = out / "images" / f"{item.image_id}.png", out / "labels" / f"{item.image_id}.png"
+def _warp_one(item: Item, size: int, out: Path, code: str) -> Item:
+    # Named by what makes them (warp size, code, source image and .mat): prepare's output persists (dvc.yaml),
+    # so a rerun for another warp_size or edited sources must never take an earlier warp as finished.
+    key = fingerprint(size, code, file_hash(item.image), file_hash(item.label))
+    image_path, label_path = (out / folder / f"{item.image_id}.{key}.png" for folder in ("images", "labels"))
     if not (image_path.exists() and label_path.exists()):
         import torch
 
@@ -184,12 +194,13 @@ def _warp_one(item: Item, size: int, out: Path) -> Item:
 
 def _warp_cocostuff10k(cfg: DatasetConfig, items: list[Item], out: Path, split: str, n_jobs: int) -> list[Item]:
     """Images and labels warped to ``dataset.warp_size`` squares (PNG, lossless), as the reference trains and
-    evaluates on them."""
+    evaluates on them; warps an earlier run made from the same inputs are reused (the rest are pruned)."""
     if cfg.warp_size is None:
         raise DataError("dataset.warp_size: COCO-Stuff 10k needs a warp size (513 in the reference)")
     from joblib import Parallel, delayed  # only this warp runs in parallel
 
-    jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
+    code = source_digest(read_mat_label, warp_image, _warp_one)
+    jobs = (delayed(_warp_one)(it, cfg.warp_size, out, code) for it in items)
     return list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
                      desc=f"warp {split}", unit="img"))
 
