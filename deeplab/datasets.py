@@ -299,8 +299,11 @@ def _render_coco21_split(cfg: DatasetConfig, items: list[Item], out: Path, split
     if unknown:
         raise DataError(f"{annotations}: {len(unknown)} images of split {split!r} have no entry, e.g. {unknown[0]}")
     folder = out / "labels" / split
-    # Masks of other annotations (a changed file under the same name) are never taken as finished.
-    source, digest = folder / ".annotations.sha256", hashlib.sha256(data).hexdigest()
+    # Masks of other annotations (a changed file under the same name), or made by another rule (class table,
+    # threshold, rendering code: DVC reruns prepare when datasets.py changes), are never taken as finished.
+    rule = fingerprint(COCO21_CATEGORIES, COCO21_MIN_PIXELS,
+                       source_digest(coco21_mask, _render_coco21, _render_coco21_split))
+    source, digest = folder / ".annotations.sha256", f"{hashlib.sha256(data).hexdigest()} {rule}"
     if not source.is_file() or source.read_text() != digest:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
