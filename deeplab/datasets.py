@@ -400,10 +400,6 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
             raise DataError(f"{cfg.name} split {split!r}: no files match dataset.custom.images {c.images!r} "
                             f"({found} under {root})")
         items = [Item(i, *paths(i)) for i in ids]
-    twice = [i for i, n in Counter(it.image_id for it in items).items() if n > 1]
-    if twice:
-        raise DataError(f"{cfg.name} split {split!r}: image id {twice[0]!r} is listed more than once "
-                        f"({len(twice)} such ids; ids name the predictions, so they must be unique)")
     return items
 
 
@@ -521,6 +517,11 @@ def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
     items = DATASETS[cfg.name].items(cfg, root, split)
     if not items:
         raise DataError(f"{cfg.name} split {split!r} under {root} is empty")
+    # Any dataset's list (a hand-edited VOC or COCO-Stuff 10k list too): a repeated id would be scored twice.
+    twice = [i for i, n in Counter(it.image_id for it in items).items() if n > 1]
+    if twice:
+        raise DataError(f"{cfg.name} split {split!r}: image id {twice[0]!r} is listed more than once "
+                        f"({len(twice)} such ids; ids name the predictions, so they must be unique)")
     return items
 
 
