@@ -344,16 +344,20 @@ def custom_classes(cfg: DatasetConfig) -> list[str]:
 
 
 def label_lut(cfg: DatasetConfig) -> np.ndarray | None:
-    """File label value -> class index or ignore (256 entries) for a custom dataset that remaps values
+    """File label value -> class index or ignore (256 int16 entries) for a custom dataset that remaps values
     (dataset.custom.reduce_zero_label, then its label_map on top), or None where the values are used as
     they are."""
     c = cfg.custom
     if cfg.name != "custom" or c is None or not (c.label_map or c.reduce_zero_label):
         return None
-    lut = np.arange(256, dtype=np.uint8)
+    lut = np.arange(256, dtype=np.int16)
     if c.reduce_zero_label:  # mmsegmentation: 0 is ignored, 1..254 shift down, 255 stays ignored
         lut[1:255] = np.arange(0, 254)
         lut[0] = lut[255] = cfg.ignore_label
+        if cfg.ignore_label < 254:
+            # File value ignore_label + 1 shifts onto class index ignore_label, which is no class: 256 + it marks
+            # it out of range (label_values_error names it) instead of silently ignoring its pixels.
+            lut[cfg.ignore_label + 1] = 256 + cfg.ignore_label
     for value, new in c.label_map.items():
         lut[value] = new
     return lut
