@@ -43,7 +43,7 @@ from deeplab.data import (
     write_list,
 )
 from deeplab.download import Archive
-from deeplab.files import file_hash, fingerprint, write_text
+from deeplab.files import file_hash, fingerprint, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -605,7 +605,8 @@ def _remap(chunk: Sequence[Item], lut: np.ndarray, folder: Path) -> list[Item]:
 
 
 def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict[str, int]:
-    """Write ``out/<split>.txt`` for the train and val splits once every pair of both has been checked (see
+    """Write ``out/<split>.txt`` for the train and val splits (and ``out/classes.json``, the class names) once
+    every pair of both has been checked (see
     ``check_pairs``), after the dataset's conversion (``Dataset.convert``, e.g. COCO-Stuff 10k's warp). Labels
     whose values a custom dataset remaps are written remapped under ``out/labels/<split>/`` once all pairs
     are good. Returns the item count per split."""
@@ -623,7 +624,10 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         splits[split] = items
     if bad:
         raise bad_pairs_error(bad, sum(map(len, splits.values())), f"{cfg.name} dataset at {root}")
-    keep = set()
+    # The class names, where later stages can depend on them (dvc.yaml): a custom dataset's class file is read
+    # by train (the weights' metadata) and evaluate, and its edits change no list.
+    write_json(out / "classes.json", class_names(cfg))
+    keep = {out / "classes.json"}
     for split, items in splits.items():
         if lut is not None:
             items = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",

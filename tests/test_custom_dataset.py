@@ -155,6 +155,16 @@ def test_custom_dataset_through_dvc_repro(tmp_path, layout):
                               "tags.`deeplab.stage` = 'evaluate@raw'")
     logged = {k for k in runs[0].data.metrics if k.startswith("raw_iou_")}
     assert logged and logged <= {f"raw_iou_{n.replace('(', '_').replace(')', '_')}" for n in names}
+    if layout == "mmseg":
+        # The class file corrected (its names were in the wrong order): it changes no list, yet the per-class
+        # table and the weights' metadata must follow (they kept the old names after a rerun of prepare alone).
+        fixed = ["tree", "road", "sky (clear)"]
+        (data / "classes.txt").write_text("".join(f"{n}\n" for n in fixed))
+        assert {"prepare", "train", "evaluate@raw", "evaluate@crf"} <= set(stages_run(sh(root, "dvc", "repro").stdout))
+        for kind in ("raw", "crf"):
+            rows = (root / "metrics" / kind / "class_iou.csv").read_text().splitlines()
+            assert [r.rsplit(",", 1)[0] for r in rows[1:]] == fixed
+        assert torch.load(root / "data" / "models" / "final.pt", weights_only=True)["deeplab"]["class_names"] == fixed
 
 
 def _custom(root: Path, **custom: object) -> DatasetConfig:

@@ -213,7 +213,7 @@ def test_prepare_leaves_what_a_run_from_scratch_makes(tmp_path):
     def files(folder):
         return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
-    assert files(out) == files(tmp_path / "fresh") == ["train.txt", "val.txt"]
+    assert files(out) == files(tmp_path / "fresh") == ["classes.json", "train.txt", "val.txt"]
     assert (out / "val.txt").read_bytes() == (tmp_path / "fresh" / "val.txt").read_bytes()
 
 
