@@ -92,7 +92,8 @@ def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE,
                        lut: np.ndarray | None = None) -> str | None:
     """What is wrong with a label map whose values are neither a class (0..n_classes-1) nor ``ignore``, or None.
     Such values would otherwise drop silently out of the confusion matrix or crash the loss. With ``lut`` (file
-    value -> label value, 256 entries) the file values are judged by what they map to."""
+    value -> label value, 256 entries; 256 + v: class index v, out of range even where v is ``ignore``) the file
+    values are judged by what they map to."""
     counts = np.bincount(label.ravel(), minlength=256)
     if lut is None:
         counts[:n_classes] = 0
@@ -103,8 +104,10 @@ def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE,
     if not bad.size:
         return None
     shown = ", ".join(map(str, bad[:8])) + (", ..." if bad.size > 8 else "")
-    mapped = "" if lut is None else (" after dataset.custom's label_map / reduce_zero_label (they map to "
-                                     + ", ".join(str(int(v)) for v in lut[bad[:8]]) + ")")
+    mapped = ""
+    if lut is not None:
+        targets = (str(v) if v < 256 else f"class {v - 256}, not the ignore label" for v in map(int, lut[bad[:8]]))
+        mapped = f" after dataset.custom's label_map / reduce_zero_label (they map to {', '.join(targets)})"
     return (f"label values {shown} ({int(counts.sum())} pixels) are outside the allowed 0..{n_classes - 1} "
             f"(dataset.n_classes {n_classes}) and {ignore} (dataset.ignore_label){mapped}")
 

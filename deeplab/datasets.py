@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import inspect
 import io
 import logging
 import re
@@ -44,7 +45,7 @@ from deeplab.data import (
     write_list,
 )
 from deeplab.download import Archive
-from deeplab.files import file_hash, write_text
+from deeplab.files import file_hash, fingerprint, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,12 @@ class Dataset:
 def table_names(table: Sequence[str], n_classes: int) -> list[str]:
     """The first ``n_classes`` names of a table; indices past its end are named ``class<i>``."""
     return [table[i] if i < len(table) else f"class{i}" for i in range(n_classes)]
+
+
+def source_digest(*functions: Callable) -> str:
+    """Digest of the source of the functions a conversion runs: its resumable results are keyed by it, as the
+    CRF's and train's are by their code (DVC reruns prepare when datasets.py changes, the results must follow)."""
+    return fingerprint(*(inspect.getsource(f) for f in functions))
 
 
 # --- synthetic: generated in the VOC layout ---------------------------------------------------------------
@@ -172,8 +179,11 @@ def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _warp_one(item: Item, size: int, out: Path) -> Item:
-    image_path, label_path = out / "images" / f"{item.image_id}.png", out / "labels" / f"{item.image_id}.png"
+def _warp_one(item: Item, size: int, out: Path, code: str) -> Item:
+    # Named by what makes them (warp size, code, source image and .mat): prepare's output persists (dvc.yaml),
+    # so a rerun for another warp_size or edited sources must never take an earlier warp as finished.
+    key = fingerprint(size, code, file_hash(item.image), file_hash(item.label))
+    image_path, label_path = (out / folder / f"{item.image_id}.{key}.png" for folder in ("images", "labels"))
     if not (image_path.exists() and label_path.exists()):
         import torch
 
@@ -186,12 +196,13 @@ def _warp_one(item: Item, size: int, out: Path) -> Item:
 
 def _warp_cocostuff10k(cfg: DatasetConfig, items: list[Item], out: Path, split: str, n_jobs: int) -> list[Item]:
     """Images and labels warped to ``dataset.warp_size`` squares (PNG, lossless), as the reference trains and
-    evaluates on them."""
+    evaluates on them; warps an earlier run made from the same inputs are reused (the rest are pruned)."""
     if cfg.warp_size is None:
         raise DataError("dataset.warp_size: COCO-Stuff 10k needs a warp size (513 in the reference)")
     from joblib import Parallel, delayed  # only this warp runs in parallel
 
-    jobs = (delayed(_warp_one)(it, cfg.warp_size, out) for it in items)
+    code = source_digest(read_mat_label, warp_image, _warp_one)
+    jobs = (delayed(_warp_one)(it, cfg.warp_size, out, code) for it in items)
     return list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(items),
                      desc=f"warp {split}", unit="img"))
 
@@ -290,8 +301,11 @@ def _render_coco21_split(cfg: DatasetConfig, items: list[Item], out: Path, split
     if unknown:
         raise DataError(f"{annotations}: {len(unknown)} images of split {split!r} have no entry, e.g. {unknown[0]}")
     folder = out / "labels" / split
-    # Masks of other annotations (a changed file under the same name) are never taken as finished.
-    source, digest = folder / ".annotations.sha256", hashlib.sha256(data).hexdigest()
+    # Masks of other annotations (a changed file under the same name), or made by another rule (class table,
+    # threshold, rendering code: DVC reruns prepare when datasets.py changes), are never taken as finished.
+    rule = fingerprint(COCO21_CATEGORIES, COCO21_MIN_PIXELS,
+                       source_digest(coco21_mask, _render_coco21, _render_coco21_split))
+    source, digest = folder / ".annotations.sha256", f"{hashlib.sha256(data).hexdigest()} {rule}"
     if not source.is_file() or source.read_text() != digest:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -332,16 +346,20 @@ def custom_classes(cfg: DatasetConfig) -> list[str]:
 
 
 def label_lut(cfg: DatasetConfig) -> np.ndarray | None:
-    """File label value -> class index or ignore (256 entries) for a custom dataset that remaps values
+    """File label value -> class index or ignore (256 int16 entries) for a custom dataset that remaps values
     (dataset.custom.reduce_zero_label, then its label_map on top), or None where the values are used as
     they are."""
     c = cfg.custom
     if cfg.name != "custom" or c is None or not (c.label_map or c.reduce_zero_label):
         return None
-    lut = np.arange(256, dtype=np.uint8)
+    lut = np.arange(256, dtype=np.int16)
     if c.reduce_zero_label:  # mmsegmentation: 0 is ignored, 1..254 shift down, 255 stays ignored
         lut[1:255] = np.arange(0, 254)
         lut[0] = lut[255] = cfg.ignore_label
+        if cfg.ignore_label < 254:
+            # File value ignore_label + 1 shifts onto class index ignore_label, which is no class: 256 + it marks
+            # it out of range (label_values_error names it) instead of silently ignoring its pixels.
+            lut[cfg.ignore_label + 1] = 256 + cfg.ignore_label
     for value, new in c.label_map.items():
         lut[value] = new
     return lut
@@ -388,10 +406,6 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
             raise DataError(f"{cfg.name} split {split!r}: no files match dataset.custom.images {c.images!r} "
                             f"({found} under {root})")
         items = [Item(i, *paths(i)) for i in ids]
-    twice = [i for i, n in Counter(it.image_id for it in items).items() if n > 1]
-    if twice:
-        raise DataError(f"{cfg.name} split {split!r}: image id {twice[0]!r} is listed more than once "
-                        f"({len(twice)} such ids; ids name the predictions, so they must be unique)")
     return items
 
 
@@ -509,6 +523,11 @@ def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
     items = DATASETS[cfg.name].items(cfg, root, split)
     if not items:
         raise DataError(f"{cfg.name} split {split!r} under {root} is empty")
+    # Any dataset's list (a hand-edited VOC or COCO-Stuff 10k list too): a repeated id would be scored twice.
+    twice = [i for i, n in Counter(it.image_id for it in items).items() if n > 1]
+    if twice:
+        raise DataError(f"{cfg.name} split {split!r}: image id {twice[0]!r} is listed more than once "
+                        f"({len(twice)} such ids; ids name the predictions, so they must be unique)")
     return items
 
 
@@ -601,7 +620,8 @@ def _remap(chunk: Sequence[Item], lut: np.ndarray, folder: Path) -> list[tuple[I
 
 
 def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict[str, int]:
-    """Write ``out/<split>.txt`` for the train and val splits once every pair of both has been checked (see
+    """Write ``out/<split>.txt`` for the train and val splits (and ``out/classes.json``, the class names) once
+    every pair of both has been checked (see
     ``check_pairs``), after the dataset's conversion (``Dataset.convert``, e.g. COCO-Stuff 10k's warp). Labels
     whose values a custom dataset remaps are written remapped under ``out/labels/<split>/`` once all pairs
     are good. Returns the item count per split."""
@@ -621,7 +641,10 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         splits[split] = items, digests
     if bad:
         raise bad_pairs_error(bad, sum(len(items) for items, _ in splits.values()), f"{cfg.name} dataset at {root}")
-    keep = set()
+    # The class names, where later stages can depend on them (dvc.yaml): a custom dataset's class file is read
+    # by train (the weights' metadata) and evaluate, and its edits change no list.
+    write_json(out / "classes.json", class_names(cfg))
+    keep = {out / "classes.json"}
     for split, (items, digests) in splits.items():
         if lut is not None:  # the list names the remapped label: its digest is the written file's
             remapped = _chunked(items, partial(_remap, lut=lut, folder=out / "labels" / split), f"remap {split}",

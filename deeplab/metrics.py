@@ -44,14 +44,22 @@ def scores(hist: np.ndarray) -> dict[str, object]:
 def accumulate(items: Sequence[Item], pred_dir: Path, n_classes: int, ignore: int = IGNORE) -> np.ndarray:
     """Confusion matrix over a split, one image at a time (never all predictions in memory). A ground-truth
     value that is neither a class nor ``ignore``, or a predicted value that is not a class, is a DataError
-    naming the file: it would otherwise vanish from the matrix or land in the wrong cell."""
+    naming the file: it would otherwise vanish from the matrix or land in the wrong cell. So is a prediction that
+    is missing or of another size than its label."""
     hist = np.zeros((n_classes, n_classes), dtype=np.int64)
     for it in tqdm(items, desc=f"evaluate {pred_dir.name}", unit="img"):
         pred_path = pred_dir / f"{it.image_id}.png"
+        if not pred_path.is_file():
+            raise DataError(f"{pred_path}: no prediction for image {it.image_id!r} of the list: rerun the stage "
+                            f"that writes {pred_dir}")
         pred = read_label(pred_path)
         if pred.size and int(pred.max()) >= n_classes:
             raise DataError(f"{pred_path}: predicted class {int(pred.max())} is not below dataset.n_classes "
                             f"{n_classes}: predictions of a model with another class count? Rerun the logits stage")
         gt = check_label_values(read_label(it.label), it.label, n_classes, ignore)
+        if gt.shape != pred.shape:
+            raise DataError(f"{pred_path}: prediction size {pred.shape[1]}x{pred.shape[0]} differs from its label "
+                            f"{it.label} ({gt.shape[1]}x{gt.shape[0]}): made for other images? Rerun the stage "
+                            f"that writes {pred_dir}")
         hist += confusion(gt, pred, n_classes)
     return hist

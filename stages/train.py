@@ -43,9 +43,12 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
         elif t.nproc_per_node * t.nnodes > 1:
             torchrun("stages.train", sys.argv[1:], t.nproc_per_node, t.nnodes, t.rdzv_endpoint)
             with open(log_csv, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) % t.log_every == 0]
+                rows = list(csv.DictReader(f))
+            # The iterations one process logs (on_log below): every log_every-th and the last.
             for r in rows:
-                mlflow.log_metrics({"train_loss": float(r["loss"]), "lr": float(r["lr"])}, step=int(r["iteration"]))
+                if int(r["iteration"]) % t.log_every == 0 or int(r["iteration"]) == t.iterations:
+                    mlflow.log_metrics({"train_loss": float(r["loss"]), "lr": float(r["lr"])},
+                                       step=int(r["iteration"]))
             final_loss = float(rows[-1]["loss"]) if rows else float("nan")
         else:
             result = run_training(

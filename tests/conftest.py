@@ -285,6 +285,7 @@ SLOW_TESTS = {
     "test_pipeline.py::test_exp_run_temp_logs_into_main_store": 11,
     "test_pipeline.py::test_train_param_change_does_not_rerun_data_stages": 11,
     "test_distributed.py::test_two_gloo_processes_stay_in_sync": 10,
+    "test_distributed.py::test_torchrun_training_logs_the_last_iteration_to_mlflow": 15,
     "test_pipeline.py::test_logits_sharded_over_two_processes_match": 9,
     "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 24,
     "test_bench.py::test_bench_prints_one_json_line": 8,

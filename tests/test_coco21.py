@@ -112,6 +112,22 @@ def test_prepare_resumes_and_never_counts_a_partial_mask(coco_root, tmp_path, mo
     assert len(rendered) == 4 and not (out / "labels" / "val2017" / "000000000201.png").exists()
 
 
+def test_prepare_renders_again_when_the_rendering_rule_changes(coco_root, tmp_path, monkeypatch):
+    """The masks are kept between runs (persistent output) for the same annotations only if they were made by
+    the same rule: a changed threshold (or class table, or rendering code; datasets.py is prepare's dependency,
+    so DVC reruns it) must render them again, never reuse the masks and drop markers of the old rule."""
+    cfg, root, _ = coco_root
+    out = tmp_path / "prepared"
+    before = prepare(cfg, root, out, n_jobs=1)
+    monkeypatch.setattr(datasets, "COCO21_MIN_PIXELS", 0)  # every image with a labelled pixel is kept
+    after = prepare(cfg, root, out, n_jobs=1)
+    fresh = prepare(cfg, root, tmp_path / "fresh", n_jobs=1)
+    assert after == fresh != before
+    for split in SPLITS.values():
+        assert (out / f"{split}.txt").read_text().replace(str(out), "") == (
+            tmp_path / "fresh" / f"{split}.txt").read_text().replace(str(tmp_path / "fresh"), "")
+
+
 def test_image_missing_from_the_annotations_is_named(coco_root, tmp_path):
     cfg, root, _ = coco_root
     (root / "images" / "val2017" / "000000000200.jpg").rename(root / "images" / "val2017" / "000000000999.jpg")

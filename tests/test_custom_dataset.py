@@ -155,6 +155,16 @@ def test_custom_dataset_through_dvc_repro(tmp_path, layout):
                               "tags.`deeplab.stage` = 'evaluate@raw'")
     logged = {k for k in runs[0].data.metrics if k.startswith("raw_iou_")}
     assert logged and logged <= {f"raw_iou_{n.replace('(', '_').replace(')', '_')}" for n in names}
+    if layout == "mmseg":
+        # The class file corrected (its names were in the wrong order): it changes no list, yet the per-class
+        # table and the weights' metadata must follow (they kept the old names after a rerun of prepare alone).
+        fixed = ["tree", "road", "sky (clear)"]
+        (data / "classes.txt").write_text("".join(f"{n}\n" for n in fixed))
+        assert {"prepare", "train", "evaluate@raw", "evaluate@crf"} <= set(stages_run(sh(root, "dvc", "repro").stdout))
+        for kind in ("raw", "crf"):
+            rows = (root / "metrics" / kind / "class_iou.csv").read_text().splitlines()
+            assert [r.rsplit(",", 1)[0] for r in rows[1:]] == fixed
+        assert torch.load(root / "data" / "models" / "final.pt", weights_only=True)["deeplab"]["class_names"] == fixed
 
 
 def _custom(root: Path, **custom: object) -> DatasetConfig:
@@ -215,6 +225,30 @@ def test_split_lists_one_id_or_two_columns(tmp_path):
     (data / "lists" / "val.txt").write_text("a b c\n")
     with pytest.raises(DataError, match=r"val\.txt:1: expected '<image> <label>'.*got 3 columns"):
         split_items(cfg, data, "val")
+
+
+def test_reduce_zero_label_never_shifts_a_value_onto_the_ignore_label(tmp_path):
+    """With dataset.ignore_label 10, file value 11 shifts to class index 10: no class (n_classes 3), so it is
+    named like file value 12 is, not silently ignored; label_map can still send it to the ignore label."""
+    from deeplab.data import label_values_error
+    from deeplab.datasets import label_lut
+
+    custom = {"images": "{split}/{id}.jpg", "labels": "{split}/{id}.png", "classes": ["a", "b", "c"],
+              "reduce_zero_label": True}
+    cfg = DatasetConfig(name="custom", root=str(tmp_path), n_classes=3, ignore_label=10, custom=custom)
+    label = np.array([[0, 1, 2, 3], [11, 11, 255, 1]], np.uint8)
+    assert label_values_error(label, 3, 10, label_lut(cfg)) == (
+        "label values 11 (2 pixels) are outside the allowed 0..2 (dataset.n_classes 3) and 10 "
+        "(dataset.ignore_label) after dataset.custom's label_map / reduce_zero_label (they map to class 10, not "
+        "the ignore label)")
+    mapped = DatasetConfig(name="custom", root=str(tmp_path), n_classes=3, ignore_label=10,
+                           custom={**custom, "label_map": {11: 10}})
+    lut = label_lut(mapped)
+    assert label_values_error(label, 3, 10, lut) is None
+    assert lut[label].tolist() == [[10, 0, 1, 2], [10, 10, 10, 0]]
+    # The usual ignore label 255: nothing shifts onto it, values 1..254 become 0..253.
+    lut = label_lut(DatasetConfig(name="custom", root=str(tmp_path), n_classes=3, custom=custom))
+    assert lut[[0, 1, 3, 254, 255]].tolist() == [255, 0, 2, 253, 255]
 
 
 def test_classes_file_must_fit_n_classes(tmp_path):

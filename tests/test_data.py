@@ -180,6 +180,20 @@ def test_prepare_lists_and_missing_file_named(tmp_path):
         voc_layout_items(tmp_path / "raw", "test")
 
 
+def test_an_id_listed_twice_is_named_for_every_dataset(tmp_path):
+    """A split list holding an id twice (a hand-edited VOC-layout list) would have that image predicted into one
+    file and scored twice; prepare names it and writes no list."""
+    from deeplab.config import DatasetConfig
+    from deeplab.datasets import prepare
+
+    synthetic.generate(tmp_path / "raw", 2, 2, 32, 32, 4, seed=0)
+    listing = tmp_path / "raw" / "ImageSets" / "Segmentation" / "val.txt"
+    listing.write_text(listing.read_text() + "val_00000\n")
+    with pytest.raises(DataError, match=r"synthetic split 'val': image id 'val_00000' is listed more than once"):
+        prepare(DatasetConfig(n_classes=4), tmp_path / "raw", tmp_path / "lists")
+    assert not (tmp_path / "lists").exists()
+
+
 def test_prepare_leaves_what_a_run_from_scratch_makes(tmp_path):
     """prepare's output persists between DVC runs (dvc.yaml): what an earlier run left and this one did not
     write is removed (another split's list, its labels, a temporary file of a killed run); nothing else is."""
@@ -199,7 +213,7 @@ def test_prepare_leaves_what_a_run_from_scratch_makes(tmp_path):
     def files(folder):
         return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
-    assert files(out) == files(tmp_path / "fresh") == ["train.txt", "val.txt"]
+    assert files(out) == files(tmp_path / "fresh") == ["classes.json", "train.txt", "val.txt"]
     assert (out / "val.txt").read_bytes() == (tmp_path / "fresh" / "val.txt").read_bytes()
 
 

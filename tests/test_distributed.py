@@ -114,3 +114,26 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (ref / "log.csv").read_text() == (tmp_path / "log.csv").read_text()
     yaml.safe_dump({"killed_at": killed_at})  # keep the value visible in failure output
+
+
+def test_torchrun_training_logs_the_last_iteration_to_mlflow(tmp_path):
+    """The train stage under torchrun reads its log back for MLflow: the final loss is the last iteration's, as
+    in one process, not the last multiple of train.log_every's (iterations 3, log_every 2: iteration 2's)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import make_project, sh, tiny_params
+
+    params = tiny_params(**{"train.iterations": 3, "train.log_every": 2, "train.checkpoint_every": 3,
+                            "train.nproc_per_node": 2})
+    params["dataset"]["synthetic"].update(n_train=4, n_val=1, height=48, width=48)
+    root = make_project(tmp_path / "repo", params)
+    env = {"OMP_NUM_THREADS": "1", "DEEPLAB_TRACKING": "off"}
+    for stage in ("download", "prepare", "init"):
+        sh(root, sys.executable, "-m", f"stages.{stage}", env=env)
+    sh(root, sys.executable, "-m", "stages.train", env={"OMP_NUM_THREADS": "1"})
+    last = (root / "metrics" / "train_log.csv").read_text().splitlines()[-1].split(",")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("deeplab").experiment_id],
+                                "tags.`deeplab.stage` = 'train'")
+    assert last[0] == "3" and run.data.metrics["final_train_loss"] == float(last[1])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 3]

@@ -6,9 +6,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from deeplab.config import DatasetConfig
-from deeplab.data import DataError, read_label
+from deeplab.data import DataError, read_image, read_label, read_list
 from deeplab.datasets import DATASETS, check_layout, class_names, read_mat_label, split_items
 from deeplab.download import SOURCES, Archive, DownloadError, download, extract, fetch, fetch_dataset
 from tests.official_layouts import (
@@ -189,10 +190,45 @@ def test_cocostuff10k_labels(server, tmp_path):
 
     counts = prepare(cfg, root, tmp_path / "prepared", n_jobs=1)
     assert counts == {"train": 6, "test": 3}
-    lab = read_label(tmp_path / "prepared" / "labels" / f"{items[0].image_id}.png")
+    lab = read_label(read_list(tmp_path / "prepared" / "train.txt")[0].label)
     assert lab.shape == (33, 33)
     src = read_mat_label(items[0].label)
     assert set(np.unique(lab).tolist()) <= set(np.unique(src).tolist())
+
+
+def test_cocostuff10k_warp_follows_warp_size_and_sources(tmp_path):
+    """prepare's output persists between DVC runs (dvc.yaml): a rerun for another dataset.warp_size, or after a
+    .mat or image was edited, must warp those again, never reuse the earlier warps; the folder then holds what
+    a run from scratch makes."""
+    from deeplab.datasets import prepare
+
+    root, out = tmp_path / "raw", tmp_path / "prepared"
+    zipfile.ZipFile(io.BytesIO(cocostuff10k_archive()["cocostuff-10k-v1.1.zip"])).extractall(root)
+
+    def cfg(size):
+        return DatasetConfig(name="cocostuff10k", root=str(root), n_classes=182, train_split="train",
+                             val_split="test", warp_size=size)
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    prepare(cfg(49), root, out, n_jobs=1)
+    prepare(cfg(33), root, out, n_jobs=1)
+    for split in ("train", "test"):
+        for it in read_list(out / f"{split}.txt"):
+            assert read_image(it.image).shape == (33, 33, 3) and read_label(it.label).shape == (33, 33), it
+    prepare(cfg(33), root, tmp_path / "fresh", n_jobs=1)
+    assert files(out) == files(tmp_path / "fresh")
+    # An edited annotation and an edited image: that pair is warped again from the new files.
+    first = read_list(out / "test.txt")[0]
+    mat = root / "annotations" / f"{first.image_id}.mat"
+    mat.write_bytes(mat_bytes(np.full((48, 64), 7, np.uint16)))  # S 7: class 6 everywhere
+    image = root / "images" / f"{first.image_id}.jpg"
+    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(image)
+    prepare(cfg(33), root, out, n_jobs=1)
+    it = read_list(out / "test.txt")[0]
+    assert (read_label(it.label) == 6).all()
+    assert (np.abs(read_image(it.image).astype(int) - 200) <= 2).all()
 
 
 def test_cocostuff164k_labels(server, tmp_path):

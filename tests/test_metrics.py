@@ -59,3 +59,18 @@ def test_label_values_outside_classes_and_ignore_are_named(tmp_path):
     write_label(tmp_path / "pred" / "a.png", np.full((4, 4), 6, np.uint8))
     with pytest.raises(DataError, match=r"pred/a\.png: predicted class 6 is not below dataset\.n_classes 6"):
         accumulate(items, tmp_path / "pred", 6)
+
+
+def test_a_missing_prediction_or_one_of_another_size_is_named(tmp_path):
+    """evaluate's errors name the prediction file and its label, not only two array shapes."""
+    from deeplab.data import DataError, Item, write_label
+    from deeplab.metrics import accumulate
+
+    write_label(tmp_path / "gt" / "a.png", np.zeros((4, 6), np.uint8))
+    items = [Item("a", tmp_path / "a.jpg", tmp_path / "gt" / "a.png")]
+    with pytest.raises(DataError, match=r"pred/a\.png: no prediction for image 'a' of the list"):
+        accumulate(items, tmp_path / "pred", 2)
+    write_label(tmp_path / "pred" / "a.png", np.zeros((6, 4), np.uint8))
+    with pytest.raises(DataError, match=r"pred/a\.png: prediction size 4x6 differs from its label .*gt/a\.png "
+                                        r"\(6x4\)"):
+        accumulate(items, tmp_path / "pred", 2)
