@@ -554,11 +554,9 @@ def check_pair(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None =
         return f"{item.image}: cannot read image ({e})", digests
     try:
         data = item.label.read_bytes()
-    except FileNotFoundError:
-        return f"{item.label}: label file not found", digests
-    except OSError as e:
-        return f"{item.label}: cannot read label ({e})", digests
-    digests = (digests[0], hashlib.md5(data).hexdigest())
+        digests = (digests[0], hashlib.md5(data).hexdigest())
+    except OSError:  # missing or unreadable: read_label below opens it itself and names what is wrong
+        data = None
     try:
         label = read_label(item.label, data)
     except DataError as e:
@@ -627,7 +625,7 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
     are good. Returns the item count per split."""
     ds = DATASETS[cfg.name]
     check_layout(cfg, root)
-    class_names(cfg)  # a custom class file that does not fit fails here, before any image is read
+    names = class_names(cfg)  # a custom class file that does not fit fails here, before any image is read
     lut = label_lut(cfg)
     splits: dict[str, tuple[list[Item], list[tuple[str, str]]]] = {}
     bad: list[str] = []
@@ -643,7 +641,7 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
         raise bad_pairs_error(bad, sum(len(items) for items, _ in splits.values()), f"{cfg.name} dataset at {root}")
     # The class names, where later stages can depend on them (dvc.yaml): a custom dataset's class file is read
     # by train (the weights' metadata) and evaluate, and its edits change no list.
-    write_json(out / "classes.json", class_names(cfg))
+    write_json(out / "classes.json", names)
     keep = {out / "classes.json"}
     for split, (items, digests) in splits.items():
         if lut is not None:  # the list names the remapped label: its digest is the written file's
