@@ -79,6 +79,10 @@ def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
     file's bytes, already read (``path`` then only names it in errors)."""
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
+            if im.format in ("JPEG", "MPO"):
+                # Lossy: class values come back shifted near every edge, silently within range for most.
+                raise DataError(f"{path}: label is a JPEG file, whose lossy compression changes class values near "
+                                "edges: save labels losslessly (PNG)")
             if im.mode not in ("P", "L"):
                 raise DataError(f"{path}: label must be a palette or grayscale image, got mode {im.mode}")
             return np.array(im, dtype=np.uint8)

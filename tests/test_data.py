@@ -51,6 +51,23 @@ def test_label_roundtrip_and_rgb_label_rejected(tmp_path):
         read_label(tmp_path / "rgb.png")
 
 
+def test_jpeg_label_refused_its_compression_shifts_classes(tmp_path):
+    """A grayscale JPEG of class indices decodes to other, still valid, classes near edges: refused by name
+    instead of trained and scored as it decodes."""
+    lab = np.zeros((40, 40), np.uint8)
+    lab[:, 13:] = 1
+    lab[:, 26:] = 2
+    Image.fromarray(lab, mode="L").save(tmp_path / "l.jpg")
+    decoded = np.asarray(Image.open(tmp_path / "l.jpg"))
+    assert decoded.max() <= 2 and (decoded != lab).any()  # wrong, yet every value a class
+    with pytest.raises(DataError, match=r"l\.jpg: label is a JPEG file, whose lossy compression changes class "
+                                        r"values near edges: save labels losslessly \(PNG\)"):
+        read_label(tmp_path / "l.jpg")
+    Image.fromarray(lab, mode="L").save(tmp_path / "named.png", format="JPEG")  # by content, not by suffix
+    with pytest.raises(DataError, match="named.png: label is a JPEG file"):
+        read_label(tmp_path / "named.png", (tmp_path / "named.png").read_bytes())
+
+
 def test_corrupt_and_missing_image_named(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
     with pytest.raises(DataError, match="bad.jpg: cannot read image"):
