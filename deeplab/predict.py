@@ -214,11 +214,16 @@ def predict_label(model: MSC, rgb: np.ndarray, mean_bgr: Sequence[float], device
     return label
 
 
+def output_paths(out: Path, stem: str) -> tuple[Path, Path]:
+    """The label map and the overlay written for the input of output name ``stem``."""
+    return out / f"{stem}_label.png", out / f"{stem}_overlay.png"
+
+
 def write_outputs(out: Path, stem: str, rgb: np.ndarray, label: np.ndarray, names: Sequence[str],
                   colours: np.ndarray | None = None) -> tuple[Path, Path]:
     """``<stem>_label.png`` (palette PNG, VOC colours or ``colours``) and ``<stem>_overlay.png``, both written
     atomically."""
-    label_path, overlay_path = out / f"{stem}_label.png", out / f"{stem}_overlay.png"
+    label_path, overlay_path = output_paths(out, stem)
     write_label(label_path, label, colours)
     atomic_save(overlay(rgb, label, names, colours=colours), overlay_path)
     return label_path, overlay_path
@@ -230,7 +235,8 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
                    echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> int:
     """Predict every image of ``inputs`` into ``out``; ``echo`` gets one line per image written, ``warn`` one
     line per input that failed (named), and the rest still run. Returns the number of failures. Raises before
-    any image if the params, the weights or the device are wrong, or if there is no image at all."""
+    any image if the params, the weights or the device are wrong, if there is no image at all, or if an output
+    would overwrite an input."""
     from deeplab.train import pick_device
 
     p = resolve_params(params, dataset, n_classes)
@@ -239,6 +245,16 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
         warn(message)
     if not paths:
         raise DataError("no images to predict")
+    stems = output_stems(paths)
+    # --out beside the inputs: an input named like another's output (x.png, x_label.png) would be overwritten
+    # before it is read, and then predicted from the label map written over it.
+    inputs_at = {p.resolve(): p for p in paths}
+    clobbered = [(inputs_at[q.resolve()], q) for stem in stems for q in output_paths(out, stem)
+                 if q.resolve() in inputs_at]
+    if clobbered:
+        given, written = clobbered[0]
+        raise DataError(f"{given}: an input image that the output {written} would overwrite ({len(clobbered)} such "
+                        "inputs): give --out a folder apart from the images")
     dev = pick_device(device)
     state, meta = read_weights(weights, p)
     p, names = with_metadata(weights, meta, p, dataset, n_classes)
@@ -246,7 +262,7 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
     colours = colour_table(meta.get("colours") if meta else p.dataset)
     amp = p.logits.amp and dev.type == "cuda"
     failed = len(errors)
-    for path, stem in zip(paths, output_stems(paths), strict=True):
+    for path, stem in zip(paths, stems, strict=True):
         try:
             rgb = read_image(path)
             label = predict_label(model, rgb, p.dataset.mean_bgr, dev, max_size, p.crf if crf else None, amp,

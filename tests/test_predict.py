@@ -122,6 +122,27 @@ def test_all_good_exits_0_and_missing_input_is_named(setup):
     assert (root / "out" / "one_overlay.png").is_file()
 
 
+def test_out_beside_the_images_never_overwrites_an_input(setup):
+    """--out the images' folder, holding x.png and x_label.png: x's label map would replace the photo
+    x_label.png before it is read. Refused before anything is written; without such a name it runs."""
+    root = setup["root"]
+    photos = root / "photos"
+    photos.mkdir()
+    Image.fromarray(photo(33, 47)).save(photos / "x.png")
+    Image.fromarray(photo(33, 47, 1)).save(photos / "x_label.png")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    common = ["--model", setup["weights"], "--params", setup["params"], "--out", photos, "--device", "cpu"]
+    result = run(photos, *common)
+    assert result.exit_code == 1
+    assert (f"error: {photos / 'x_label.png'}: an input image that the output {photos / 'x_label.png'} would "
+            "overwrite (1 such inputs): give --out a folder apart from the images") in result.stderr
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    (photos / "x_label.png").rename(photos / "y.png")
+    assert run(photos, *common).exit_code == 0
+    assert sorted(p.name for p in photos.iterdir()) == ["x.png", "x_label.png", "x_overlay.png", "y.png",
+                                                        "y_label.png", "y_overlay.png"]
+
+
 def test_checkpoint_plain_state_dict_and_caffemodel_give_the_same_labels(setup):
     from tests.test_caffe import small_layers
 
