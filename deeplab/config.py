@@ -44,6 +44,17 @@ def placeholders(pattern: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None]
 
 
+def class_names_problem(names: list[str]) -> str | None:
+    """What makes a list of class names unusable, or None: an empty name, or one given twice (evaluate's
+    per-class table, plots and MLflow metrics are keyed by name: a repeated one would hide a class's IoU)."""
+    for i, name in enumerate(names):
+        if not name.strip():
+            return f"class {i} has an empty name"
+        if name in names[:i]:
+            return f"{name!r} names classes {names.index(name)} and {i}: each class needs its own name"
+    return None
+
+
 class CustomDatasetConfig(Section):
     """dataset.name custom: the user's own images and labels under dataset.root (README, "Your own dataset")."""
 
@@ -153,6 +164,8 @@ class DatasetConfig(Section):
         if isinstance(c.classes, list) and len(c.classes) != n:
             raise ValueError(f"dataset.custom.classes: {len(c.classes)} names, but dataset.n_classes is {n}: "
                              "they must be equal")
+        if isinstance(c.classes, list) and (problem := class_names_problem(c.classes)):
+            raise ValueError(f"dataset.custom.classes: {problem}")
         if c.colours is not None and len(c.colours) != n:
             raise ValueError(f"dataset.custom.colours: {len(c.colours)} colours, but dataset.n_classes is {n}: "
                              "give one [r, g, b] per class, or null for the VOC palette")

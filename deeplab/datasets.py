@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deeplab import synthetic
-from deeplab.config import DatasetConfig
+from deeplab.config import DatasetConfig, class_names_problem
 from deeplab.data import (
     IGNORE,
     PALETTE,
@@ -341,6 +341,8 @@ def custom_classes(cfg: DatasetConfig) -> list[str]:
         if len(names) != cfg.n_classes:
             raise DataError(f"{path}: {len(names)} class names (dataset.custom.classes), but dataset.n_classes is "
                             f"{cfg.n_classes}: they must be equal")
+        if problem := class_names_problem(names):
+            raise DataError(f"{path}: {problem} (dataset.custom.classes, one name per line, blank lines skipped)")
         return names
     return list(classes)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 
 from deeplab.config import DatasetConfig, ParamsError, load_params
 from deeplab.data import PALETTE, DataError, read_label, read_list
@@ -265,6 +266,22 @@ def test_classes_file_must_fit_n_classes(tmp_path):
         class_names(_custom(data, classes="nope.txt"))
     with pytest.raises(DataError, match=r"no files match dataset.custom.images '\{split\}/\{id\}.jpg'"):
         split_items(_custom(data, images="{split}/{id}.jpg"), data, "train")
+
+
+def test_class_names_must_be_distinct_and_not_empty(tmp_path):
+    """Per-class IoU, its plots and the MLflow metrics raw_iou_<name> are keyed by name: a name given twice
+    made one class's IoU overwrite the other's, silently. Refused in a class file (by line count kept: blank
+    lines are skipped) as in the params' list."""
+    data = tmp_path / "data"
+    camvid_style(data)
+    (data / "names.txt").write_text("sky\nroad\nsky\n")
+    with pytest.raises(DataError, match=r"names\.txt: 'sky' names classes 0 and 2: each class needs its own name "
+                                        r"\(dataset.custom.classes"):
+        class_names(_custom(data, classes="names.txt"))
+    for classes, problem in ((["a", "b", "a"], "'a' names classes 0 and 2"), (["a", " ", "c"], "class 1 has an "
+                                                                                                 "empty name")):
+        with pytest.raises(ValidationError, match=f"dataset.custom.classes: {problem}"):
+            _custom(data, classes=classes)
 
 
 def _write(tmp_path: Path, dataset: dict) -> Path:
