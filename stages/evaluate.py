@@ -42,6 +42,13 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w.\- ]", "_", name)
 
 
+def metric_keys(names: Sequence[str]) -> list[str]:
+    """``metric_key`` of each name, with the class index appended where two names give the same key ('a/b'
+    and 'a_b'): one metric per class, none overwriting another."""
+    keys = [metric_key(n) for n in names]
+    return [f"{k}_{i}" if keys.count(k) > 1 else k for i, k in enumerate(keys)]
+
+
 def class_iou_csv(names: Sequence[str], class_iou: Sequence[float | None]) -> str:
     """``class,iou`` rows; a name holding a comma or quote (a custom dataset's) is quoted, CSV-style."""
     buf = io.StringIO()
@@ -95,7 +102,7 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
                       colours=colour_table(d))
         mlflow.log_results({f"{kind}_{k}": v for k, v in s.items()})  # on the pipeline's parent run too
         mlflow.log_dataset_lists(d, lists)
-        mlflow.log_metrics({f"{kind}_iou_{metric_key(n)}": v for n, v in zip(names, class_iou, strict=True)
+        mlflow.log_metrics({f"{kind}_iou_{k}": v for k, v in zip(metric_keys(names), class_iou, strict=True)
                             if v is not None})
         mlflow.log_artifacts(str(dest), artifact_path=f"metrics/{kind}")
         log.info("%s: mean IoU %.4f, pixel accuracy %.4f -> %s", kind, s["mean_iou"], s["pixel_accuracy"], dest)

@@ -336,6 +336,13 @@ def test_class_names_with_commas_stay_one_csv_column():
     assert metric_key('car, "parked"') == "car_ _parked_" and metric_key("road-2.a b") == "road-2.a b"
 
 
+def test_names_that_give_one_metric_key_keep_a_metric_each():
+    from stages.evaluate import metric_keys
+
+    assert metric_keys(["a/b", "sky", "a_b", "a?b"]) == ["a_b_0", "sky", "a_b_2", "a_b_3"]
+    assert metric_keys(["road", "sky (clear)"]) == ["road", "sky _clear_"]
+
+
 def test_list_digests_are_the_listed_files_md5_remapped_labels_included(tmp_path):
     """The md5 columns are what DVC would compute for the very files the list names: for a remapped custom
     dataset the written label, not the source one (the stages after prepare rerun on them)."""
