@@ -329,14 +329,24 @@ def _under(root: Path, name: str) -> Path:
     return root / name.lstrip("/")
 
 
+def _user_text(path: Path, what: str) -> str:
+    """A text file the user wrote (a class file, a split list): UTF-8, where the byte-order mark Windows
+    editors put first is no part of the first line (it was, invisibly: a class named '\ufeffsky', an id not
+    found)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") from None
+
+
 def custom_classes(cfg: DatasetConfig) -> list[str]:
     """dataset.custom.classes: the list, or the names in its text file (one per line; relative to the root)."""
     classes = cfg.custom.classes if cfg.custom else []
     if isinstance(classes, str):
         path = Path(classes) if Path(classes).is_absolute() or not cfg.root else _under(Path(cfg.root), classes)
         try:
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+            names = [line.strip() for line in _user_text(path, "dataset.custom.classes").splitlines() if line.strip()]
+        except (FileNotFoundError, IsADirectoryError) as e:
             raise DataError(f"{path}: cannot read dataset.custom.classes ({type(e).__name__})") from None
         if len(names) != cfg.n_classes:
             raise DataError(f"{path}: {len(names)} class names (dataset.custom.classes), but dataset.n_classes is "
@@ -387,7 +397,7 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
         if not listing.is_file():
             raise DataError(f"{listing}: split list of split {split!r} not found (dataset.custom.split_list "
                             f"{c.split_list!r} under dataset.root {root})")
-        for n, line in enumerate(listing.read_text().splitlines(), 1):
+        for n, line in enumerate(_user_text(listing, "the split list").splitlines(), 1):
             parts = line.split()
             if len(parts) == 1 and paths:
                 items.append(Item(parts[0], *paths(parts[0])))

@@ -268,6 +268,27 @@ def test_classes_file_must_fit_n_classes(tmp_path):
         split_items(_custom(data, images="{split}/{id}.jpg"), data, "train")
 
 
+def test_class_file_and_split_list_from_a_windows_editor(tmp_path):
+    """UTF-8 with a byte-order mark and CRLF line ends (Notepad): the mark is no part of the first class name or
+    id; a file in another encoding is named, not a codec traceback."""
+    data = tmp_path / "data"
+    voc_style(data)
+    ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    (data / "names.txt").write_bytes("\ufeffsky\r\nroad\r\n\r\ncaf\u00e9\r\n".encode())
+    (data / "val.txt").write_bytes(("\ufeff" + "".join(f"{i}\r\n" for i in ids)).encode())
+    cfg = DatasetConfig(name="custom", root=str(data), n_classes=3, custom={
+        "images": "JPEGImages/{id}.jpg", "labels": "SegmentationClass/{id}.png", "split_list": "{split}.txt",
+        "classes": "names.txt"})
+    assert class_names(cfg) == ["sky", "road", "caf\u00e9"]
+    assert [it.image_id for it in split_items(cfg, data, "val")] == ids
+    (data / "names.txt").write_bytes("sky\nroad\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"names\.txt: dataset.custom.classes is not UTF-8 text \(byte 12: "):
+        class_names(cfg)
+    (data / "val.txt").write_bytes("\u00e9t\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"val\.txt: the split list is not UTF-8 text \(byte 0: "):
+        split_items(cfg, data, "val")
+
+
 def test_class_names_must_be_distinct_and_not_empty(tmp_path):
     """Per-class IoU, its plots and the MLflow metrics raw_iou_<name> are keyed by name: a name given twice
     made one class's IoU overwrite the other's, silently. Refused in a class file (by line count kept: blank
