@@ -530,11 +530,24 @@ def finish_layout(cfg: DatasetConfig, root: Path) -> None:
         finish(root)
 
 
+def _inside(image_id: str) -> bool:
+    """Whether ``folder / f"{image_id}.npy"`` stays inside ``folder`` whatever the folder."""
+    return all(part not in ("", ".", "..") for part in image_id.split("/"))
+
+
 def split_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
     """Items of one split, labels as stored (for COCO-Stuff 10k the raw ``.mat``: prepare converts it)."""
     items = DATASETS[cfg.name].items(cfg, root, split)
     if not items:
         raise DataError(f"{cfg.name} split {split!r} under {root} is empty")
+    # Ids name the files the stages write (data/logits/<id>.npy, predictions, remapped labels): an absolute id
+    # or one with '..' would write outside those folders, where DVC tracks nothing (or anywhere on disk).
+    escaping = [it.image_id for it in items if not _inside(it.image_id)]
+    if escaping:
+        raise DataError(f"{cfg.name} split {split!r}: image id {escaping[0]!r} is not a relative path inside its "
+                        f"folder ({len(escaping)} such ids): ids name the files written for each image "
+                        "(data/logits/<id>.npy), so they may hold '/' but not start with it, nor hold '.' or '..' "
+                        "parts")
     # Any dataset's list (a hand-edited VOC or COCO-Stuff 10k list too): a repeated id would be scored twice.
     twice = [i for i, n in Counter(it.image_id for it in items).items() if n > 1]
     if twice:

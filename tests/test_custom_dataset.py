@@ -4,6 +4,7 @@ checks that name bad files, values and params."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,29 @@ def test_split_lists_one_id_or_two_columns(tmp_path):
     (data / "lists" / "val.txt").write_text("a b c\n")
     with pytest.raises(DataError, match=r"val\.txt:1: expected '<image> <label>'.*got 3 columns"):
         split_items(cfg, data, "val")
+
+
+def test_ids_stay_inside_the_folders_they_name_files_in(tmp_path):
+    """A split list's ids name data/logits/<id>.npy, the predictions and remapped labels: a subfolder is fine,
+    an id with '..' (its image found through it) or starting with '/' would write outside them, untracked."""
+    data = tmp_path / "data"
+    voc_style(data)
+    (data / "JPEGImages" / "sub").mkdir()
+    (data / "SegmentationClass" / "sub").mkdir()
+    for kind, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+        (data / kind / f"val_000.{ext}").rename(data / kind / "sub" / f"val_000.{ext}")
+    custom = {"images": "JPEGImages/{id}.jpg", "labels": "SegmentationClass/{id}.png", "split_list": "{split}.txt",
+              "classes": ["a", "b", "c"], "label_map": {1: 1}}
+    cfg = DatasetConfig(name="custom", root=str(data), n_classes=3, custom=custom)
+    (data / "val.txt").write_text("sub/val_000\nval_001\n")
+    out = tmp_path / "out"
+    prepare(cfg.model_copy(update={"train_split": "val"}), data, out)
+    assert (out / "labels" / "val" / "sub" / "val_000.png").is_file()
+    for bad in ("sub/../val_001", "/sub/val_000", "sub//val_000", "./val_001"):
+        (data / "val.txt").write_text(f"val_001\n{bad}\n")
+        with pytest.raises(DataError, match=rf"custom split 'val': image id {re.escape(repr(bad))} is not a relative "
+                                            r"path inside its folder \(1 such ids\)"):
+            split_items(cfg, data, "val")
 
 
 def test_reduce_zero_label_never_shifts_a_value_onto_the_ignore_label(tmp_path):
