@@ -377,11 +377,22 @@ def label_lut(cfg: DatasetConfig) -> np.ndarray | None:
     return lut
 
 
-def _id_glob(pattern: str, split: str) -> tuple[str, re.Pattern[str]]:
-    """A glob for the files of ``pattern`` (with ``{split}`` filled) and a regex capturing their ``{id}``."""
-    before, after = pattern.format(split=split, id="\0").split("\0")
-    return (glob.escape(before) + "*" + glob.escape(after),
-            re.compile(re.escape(before) + "(.+)" + re.escape(after)))
+def _id_glob(pattern: str, split: str, any_case: bool = False) -> tuple[str, re.Pattern[str]]:
+    """A glob for the files of ``pattern`` (with ``{split}`` filled; under the root, as ``_under``) and a regex
+    capturing their ``{id}``; with ``any_case`` both match letters in either case."""
+    before, after = pattern.lstrip("/").format(split=split, id="\0").split("\0")
+    fixed = (lambda t: "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in glob.escape(t))) \
+        if any_case else glob.escape
+    return (fixed(before) + "*" + fixed(after),
+            re.compile(re.escape(before) + "(.+)" + re.escape(after), re.IGNORECASE if any_case else 0))
+
+
+def _glob_ids(root: Path, pattern: str, split: str, any_case: bool = False) -> dict[str, str]:
+    """The files under ``root`` that ``pattern`` matches (``_id_glob``), hidden ones skipped: path -> id."""
+    found, id_of = _id_glob(pattern, split, any_case)
+    return {rel: m.group(1) for p in root.glob(found)
+            if p.is_file() and (m := id_of.fullmatch(rel := p.relative_to(root).as_posix()))
+            and not m.group(1).startswith(".")}
 
 
 def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
@@ -410,13 +421,17 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
                 raise DataError(f"{listing}:{n}: expected {want}, got {len(parts)} columns")
     else:
         assert paths is not None and c.images is not None  # the config requires patterns without a split list
-        found, id_of = _id_glob(c.images, split)
-        ids = sorted(m.group(1) for p in root.glob(found)
-                     if p.is_file() and (m := id_of.fullmatch(p.relative_to(root).as_posix()))
-                     and not m.group(1).startswith("."))
-        if not ids:
+        matched = _glob_ids(root, c.images, split)
+        if not matched:
             raise DataError(f"{cfg.name} split {split!r}: no files match dataset.custom.images {c.images!r} "
-                            f"({found} under {root})")
+                            f"({_id_glob(c.images, split)[0]} under {root})")
+        # Files that differ from the pattern in case alone (IMG_1.JPG for {id}.jpg) would be left out silently.
+        other_case = sorted(set(_glob_ids(root, c.images, split, any_case=True)) - set(matched))
+        if other_case:
+            raise DataError(f"{root / other_case[0]}: matches dataset.custom.images {c.images!r} of split {split!r} "
+                            f"but for the case of letters ({len(other_case)} such files, which would be left out): "
+                            "rename them to the pattern's case")
+        ids = sorted(matched.values())
         items = [Item(i, *paths(i)) for i in ids]
     return items
 

@@ -252,6 +252,22 @@ def test_ids_stay_inside_the_folders_they_name_files_in(tmp_path):
             split_items(cfg, data, "val")
 
 
+def test_image_files_in_another_case_are_named_not_left_out(tmp_path):
+    """Without a split list the ids are the files matching dataset.custom.images: IMG.PNG files beside .png
+    ones were left out of the split silently (2 of 5 training images gone); a leading '/' is under the root
+    for the glob too (it raised pathlib's 'Non-relative patterns are unsupported')."""
+    data = tmp_path / "data"
+    camvid_style(data)
+    for k in (1, 3):
+        (data / "train" / f"0001TP_{k:06d}.png").rename(data / "train" / f"0001TP_{k:06d}.PNG")
+    for images in ("{split}/{id}.png", "/{split}/{id}.png"):
+        with pytest.raises(DataError, match=rf"train/0001TP_000001\.PNG: matches dataset.custom.images "
+                                            rf"'{re.escape(images)}' of split 'train' but for the case of letters "
+                                            r"\(2 such files, which would be left out\)"):
+            split_items(_custom(data, images=images), data, "train")
+    assert len(split_items(_custom(data, images="/{split}/{id}.png"), data, "test")) == 3
+
+
 def test_reduce_zero_label_never_shifts_a_value_onto_the_ignore_label(tmp_path):
     """With dataset.ignore_label 10, file value 11 shifts to class index 10: no class (n_classes 3), so it is
     named like file value 12 is, not silently ignored; label_map can still send it to the ignore label."""
