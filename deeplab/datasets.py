@@ -575,11 +575,11 @@ MAX_REPORTED = 20  # bad pairs listed in one error
 
 
 def check_pair(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None = None,
-               ) -> tuple[str | None, tuple[str, str]]:
+               ) -> tuple[str | None, tuple[str, str], tuple[int, ...]]:
     """What is wrong with one image/label pair (missing, unreadable, sizes differ, label values out of range
-    after ``lut``), or None; and the md5 of its image and label (the list's digest columns, as DVC computes
-    them). Each file is read once: the image's bytes hashed and decoded to its header only, the label's hashed
-    and decoded."""
+    after ``lut``), or None; the md5 of its image and label (the list's digest columns, as DVC computes
+    them); and the values its label file holds (none if it could not be read). Each file is read once: the
+    image's bytes hashed and decoded to its header only, the label's hashed and decoded."""
     digests = ("", "")
     try:
         data = item.image.read_bytes()
@@ -589,9 +589,9 @@ def check_pair(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None =
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees: read_image swaps them
                 w, h = h, w
     except FileNotFoundError:
-        return f"{item.image}: image file not found", digests
+        return f"{item.image}: image file not found", digests, ()
     except (OSError, SyntaxError, ValueError) as e:
-        return f"{item.image}: cannot read image ({e})", digests
+        return f"{item.image}: cannot read image ({e})", digests, ()
     try:
         data = item.label.read_bytes()
         digests = (digests[0], hashlib.md5(data).hexdigest())
@@ -600,15 +600,17 @@ def check_pair(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None =
     try:
         label = read_label(item.label, data)
     except DataError as e:
-        return str(e), digests
+        return str(e), digests, ()
+    values = tuple(int(v) for v in np.flatnonzero(np.bincount(label.ravel(), minlength=256)))
     if label.shape != (h, w):
-        return f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}", digests
+        return (f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}",
+                digests, values)
     problem = label_values_error(label, n_classes, ignore, lut)
-    return (f"{item.label}: {problem}" if problem else None), digests
+    return (f"{item.label}: {problem}" if problem else None), digests, values
 
 
 def _check_chunk(chunk: Sequence[Item], n_classes: int, ignore: int,
-                 lut: np.ndarray | None) -> list[tuple[str | None, tuple[str, str]]]:
+                 lut: np.ndarray | None) -> list[tuple[str | None, tuple[str, str], tuple[int, ...]]]:
     return [check_pair(it, n_classes, ignore, lut) for it in chunk]
 
 
@@ -633,12 +635,30 @@ def _chunked(items: Sequence[Item], work: Callable[[Sequence[Item]], list], desc
 
 
 def check_pairs(items: Sequence[Item], n_classes: int, ignore: int, what: str, n_jobs: int = -1,
-                lut: np.ndarray | None = None) -> tuple[list[str], list[tuple[str, str]]]:
-    """Every pair checked and hashed in one pass, in parallel (with a progress bar): the problems found, and
-    each item's (image md5, label md5) in order."""
+                lut: np.ndarray | None = None) -> tuple[list[str], list[tuple[str, str]], set[int]]:
+    """Every pair checked and hashed in one pass, in parallel (with a progress bar): the problems found, each
+    item's (image md5, label md5) in order, and the label values the files hold."""
     results = _chunked(items, partial(_check_chunk, n_classes=n_classes, ignore=ignore, lut=lut), f"check {what}",
                        "pair", n_jobs)
-    return [p for p, _ in results if p], [d for _, d in results]
+    return [p for p, _, _ in results if p], [d for _, d, _ in results], {v for _, _, vs in results for v in vs}
+
+
+def classes_to_learn_error(cfg: DatasetConfig, values: set[int], lut: np.ndarray | None,
+                           names: Sequence[str]) -> DataError | None:
+    """The error for a training split whose labels hold at most one class (after ``lut``), or None; a model
+    can learn nothing from it, and evaluate scores the rest as absent. Binary masks saved as 0/255 are the usual
+    cause: 255 is the ignore label, so every foreground pixel is ignored and mean IoU comes out 1.0."""
+    classes = sorted({int(lut[v]) if lut is not None else v for v in values} & set(range(cfg.n_classes)))
+    if len(classes) > 1:
+        return None
+    held = f"only class {classes[0]} ({names[classes[0]]})" if classes else "no class"
+    mapped = {v for v in values if (int(lut[v]) if lut is not None else v) == cfg.ignore_label}
+    hint = (f": file value(s) {', '.join(map(str, sorted(mapped)))} give dataset.ignore_label {cfg.ignore_label}, "
+            "which is ignored") if mapped else ""
+    if 255 in mapped and cfg.name == "custom":
+        hint += " (binary masks saved as 0/255? dataset.custom.label_map {255: 1} makes 255 class 1)"
+    return DataError(f"{cfg.name} split {cfg.train_split!r}: the labels hold {held} of dataset.n_classes "
+                     f"{cfg.n_classes}, nothing to learn the others from{hint}")
 
 
 def bad_pairs_error(bad: Sequence[str], n_items: int, what: str) -> DataError:
@@ -669,16 +689,21 @@ def prepare(cfg: DatasetConfig, root: Path, out: Path, n_jobs: int = -1) -> dict
     lut = label_lut(cfg)
     splits: dict[str, tuple[list[Item], list[tuple[str, str]]]] = {}
     bad: list[str] = []
+    train_values: set[int] = set()
     for split in dict.fromkeys((cfg.train_split, cfg.val_split)):
         items = split_items(cfg, root, split)
         if ds.convert is not None:
             items = ds.convert(cfg, items, out, split, n_jobs)
-        found, digests = check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}",
-                                     n_jobs, lut)
+        found, digests, values = check_pairs(items, cfg.n_classes, cfg.ignore_label, f"{cfg.name} split {split!r}",
+                                             n_jobs, lut)
         bad += found
         splits[split] = items, digests
+        if split == cfg.train_split:
+            train_values = values
     if bad:
         raise bad_pairs_error(bad, sum(len(items) for items, _ in splits.values()), f"{cfg.name} dataset at {root}")
+    if (error := classes_to_learn_error(cfg, train_values, lut, names)) is not None:
+        raise error
     # The class names, where later stages can depend on them (dvc.yaml): a custom dataset's class file is read
     # by train (the weights' metadata) and evaluate, and its edits change no list.
     write_json(out / "classes.json", names)

@@ -268,6 +268,28 @@ def test_image_files_in_another_case_are_named_not_left_out(tmp_path):
     assert len(split_items(_custom(data, images="/{split}/{id}.png"), data, "test")) == 3
 
 
+def test_binary_masks_of_0_and_255_are_refused_not_scored_perfect(tmp_path):
+    """Two classes, masks saved as 0/255 (the common binary format): 255 is the ignore label, so every
+    foreground pixel was ignored, training saw background alone and evaluate gave mean IoU 1.0. prepare now
+    stops naming the cause and the label_map that fixes it, which then prepares."""
+    data = tmp_path / "data"
+    camvid_style(data)
+    for label in (*(data / "trainannot").iterdir(), *(data / "testannot").iterdir()):
+        _save_label(label, np.where(read_label(label) == 1, 255, 0).astype(np.uint8), palette=False)
+    spec = {"images": "{split}/{id}.png", "labels": "{split}annot/{id}.png", "classes": ["background", "object"]}
+    cfg = DatasetConfig(name="custom", root=str(data), n_classes=2, val_split="test", custom=spec)
+    with pytest.raises(DataError) as err:
+        prepare(cfg, data, tmp_path / "out")
+    assert str(err.value) == (
+        "custom split 'train': the labels hold only class 0 (background) of dataset.n_classes 2, nothing to learn "
+        "the others from: file value(s) 255 give dataset.ignore_label 255, which is ignored (binary masks saved as "
+        "0/255? dataset.custom.label_map {255: 1} makes 255 class 1)")
+    assert not (tmp_path / "out").exists()
+    fixed = DatasetConfig(name="custom", root=str(data), n_classes=2, val_split="test",
+                          custom={**spec, "label_map": {255: 1}})
+    assert prepare(fixed, data, tmp_path / "out") == {"train": 5, "test": 3}
+
+
 def test_reduce_zero_label_never_shifts_a_value_onto_the_ignore_label(tmp_path):
     """With dataset.ignore_label 10, file value 11 shifts to class index 10: no class (n_classes 3), so it is
     named like file value 12 is, not silently ignored; label_map can still send it to the ignore label."""
