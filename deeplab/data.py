@@ -75,7 +75,8 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
-    """Class indices uint8 HxW. Palette PNGs are decoded by palette index (never by colour). ``data``: the
+    """Class indices uint8 HxW. Palette PNGs are decoded by palette index (never by colour); grayscale ones by
+    value, 16-bit too (values up to 255), bilevel ones as 0 and 1. ``data``: the
     file's bytes, already read (``path`` then only names it in errors)."""
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
@@ -83,9 +84,15 @@ def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
                 # Lossy: class values come back shifted near every edge, silently within range for most.
                 raise DataError(f"{path}: label is a JPEG file, whose lossy compression changes class values near "
                                 "edges: save labels losslessly (PNG)")
-            if im.mode not in ("P", "L"):
+            if im.mode == "I" or im.mode.startswith("I;16"):  # 16/32-bit grayscale (OpenCV's uint16 masks)
+                wide = np.asarray(im).astype(np.int64)
+                if wide.size and (wide.min() < 0 or wide.max() > 255):
+                    raise DataError(f"{path}: label of mode {im.mode} with values {wide.min()}..{wide.max()}: "
+                                    "class values must be 0..255")
+                return wide.astype(np.uint8)
+            if im.mode not in ("P", "L", "1"):
                 raise DataError(f"{path}: label must be a palette or grayscale image, got mode {im.mode}")
-            return np.array(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # mode 1 (bilevel): 0 and 1
     except FileNotFoundError:
         raise DataError(f"{path}: label file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

@@ -68,6 +68,23 @@ def test_jpeg_label_refused_its_compression_shifts_classes(tmp_path):
         read_label(tmp_path / "named.png", (tmp_path / "named.png").read_bytes())
 
 
+def test_16_bit_and_bilevel_labels_read_by_value(tmp_path):
+    """Grayscale labels are read by value at any depth: a 16-bit PNG (OpenCV's uint16 masks) holding class
+    values was refused as 'not a palette or grayscale image'; values past 255 are named, never wrapped."""
+    lab = np.array([[0, 1, 2], [255, 2, 0]], np.uint16)
+    Image.fromarray(lab).save(tmp_path / "l16.png")
+    assert Image.open(tmp_path / "l16.png").mode.startswith("I")
+    assert read_label(tmp_path / "l16.png").tolist() == lab.tolist()
+    assert read_label(tmp_path / "l16.png").dtype == np.uint8
+    lab[0, 0] = 300  # would wrap to class 44 as uint8
+    Image.fromarray(lab).save(tmp_path / "wide.png")
+    with pytest.raises(DataError, match=r"wide\.png: label of mode I(;16)? with values 0\.\.300: class values must be "
+                                        r"0\.\.255"):
+        read_label(tmp_path / "wide.png")
+    Image.fromarray(np.array([[0, 1], [1, 0]], bool)).save(tmp_path / "mask.png")  # mode 1
+    assert read_label(tmp_path / "mask.png").tolist() == [[0, 1], [1, 0]]
+
+
 def test_corrupt_and_missing_image_named(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
     with pytest.raises(DataError, match="bad.jpg: cannot read image"):
