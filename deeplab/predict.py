@@ -245,6 +245,8 @@ def predict_images(inputs: Sequence[Path], weights: Path, out: Path, *, params: 
         warn(message)
     if not paths:
         raise DataError("no images to predict")
+    if out.exists() and not out.is_dir():  # else every image fails alike, "[Errno 17] File exists"
+        raise DataError(f"--out {out}: exists and is not a folder")
     stems = output_stems(paths)
     # --out beside the inputs: an input named like another's output (x.png, x_label.png) would be overwritten
     # before it is read, and then predicted from the label map written over it.

@@ -124,7 +124,8 @@ def test_all_good_exits_0_and_missing_input_is_named(setup):
 
 def test_out_beside_the_images_never_overwrites_an_input(setup):
     """--out the images' folder, holding x.png and x_label.png: x's label map would replace the photo
-    x_label.png before it is read. Refused before anything is written; without such a name it runs."""
+    x_label.png before it is read. Refused before anything is written; without such a name it runs. An --out
+    that is a file is named once (every image failed with '[Errno 17] File exists')."""
     root = setup["root"]
     photos = root / "photos"
     photos.mkdir()
@@ -137,6 +138,9 @@ def test_out_beside_the_images_never_overwrites_an_input(setup):
     assert (f"error: {photos / 'x_label.png'}: an input image that the output {photos / 'x_label.png'} would "
             "overwrite (1 such inputs): give --out a folder apart from the images") in result.stderr
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    (root / "a_file").touch()
+    result = run(photos / "x.png", *common[:-3], root / "a_file", "--device", "cpu")
+    assert result.exit_code == 1 and f"error: --out {root / 'a_file'}: exists and is not a folder\n" == result.stderr
     (photos / "x_label.png").rename(photos / "y.png")
     assert run(photos, *common).exit_code == 0
     assert sorted(p.name for p in photos.iterdir()) == ["x.png", "x_label.png", "x_overlay.png", "y.png",
