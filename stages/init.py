@@ -44,6 +44,15 @@ def warn_trained_on_val(caffemodel: Path, dataset: str, val_split: str) -> str |
     return text
 
 
+def untrained_head(what: str, n_classes: int, iterations: int) -> None:
+    """With train.iterations 0 the initial weights are scored as they are: a head left fresh (its class count is
+    not the weights') would be scored untrained, a chance-level result that looks like one of the weights'."""
+    if iterations == 0:
+        raise ValueError(f"{what}: holds no head for dataset.n_classes {n_classes}, so it would start fresh, and "
+                         "train.iterations is 0: the untrained head would be scored. Give weights trained for "
+                         f"{n_classes} classes, or train (train.iterations > 0)")
+
+
 def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, init.*, "
                                                    "train.crop_size); must hold every section.")]
          = Path("params.yaml"),
@@ -93,6 +102,7 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             raise ValueError(f"init.path: {i.path}: the torchvision ResNet has n_blocks {list(blocks)} and width "
                              f"{width}, the params give model.n_blocks {show(m.n_blocks)} and model.width {m.width} "
                              "(resnet101: [3, 4, 23, 3] and 64)")
+        untrained_head(f"init.path: {i.path}: torchvision's ImageNet ResNet", p.dataset.n_classes, p.train.iterations)
     with stage_run("init", p, params) as mlflow:
         model = build_model(p.dataset.n_classes, m.n_blocks, m.width, m.atrous_rates, m.scales, m.arch,
                             m.output_stride)
@@ -109,8 +119,15 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             warning = warn_trained_on_val(path, p.dataset.name, p.dataset.val_split)
             if warning:
                 mlflow.set_tag("init.warning", warning)
-            for line in convert_caffemodel(path, out, p.dataset.n_classes, m.n_blocks, m.width):
+            lines = convert_caffemodel(path, out, p.dataset.n_classes, m.n_blocks, m.width)
+            for line in lines:
                 log.info("%s", line)
+            if any(line.startswith("ASPP head") and "fresh" in line for line in lines):
+                try:
+                    untrained_head(f"init caffemodel {path}", p.dataset.n_classes, p.train.iterations)
+                except ValueError:
+                    out.unlink()
+                    raise
             load_weights(model, out)  # the converted file must fit the configured model
         elif i.source == "torchvision":
             init_from_scratch(model, i.seed)  # the head's init; the backbone is replaced below
@@ -130,6 +147,7 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
                 path = Path(i.path)
             fresh = load_state(model, state, path)
             if fresh:
+                untrained_head(f"init {i.source} weights {path}", p.dataset.n_classes, p.train.iterations)
                 log.info("classifier head initialised fresh (%d tensors): class count differs", len(fresh))
             save_torch(model.state_dict(), out)
         mlflow.set_tag("weights.init.md5", file_hash(out))

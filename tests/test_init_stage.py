@@ -175,3 +175,32 @@ def test_torchvision_weights_of_another_depth_are_refused_before_a_run(tmp_path)
     assert (f"error: init.path: {tmp_path / 'resnet.pth'}: the torchvision ResNet has n_blocks [1, 1, 1, 1] and "
             "width 64, the params give model.n_blocks [1, 1, 2, 1]") in res.stderr
     assert not (root / "mlflow.db").exists() and not (root / "data/models/init.pt").exists()
+
+
+def test_weights_without_a_head_for_the_classes_are_not_scored_untrained(tmp_path):
+    """train.iterations 0 scores the initial weights as they are: weights whose head is for another class
+    count (or torchvision's, which hold none) started a fresh head that was then scored untrained, at chance,
+    as if it were the weights' result. Refused naming the file, with nothing written; training them still runs."""
+    _, layers = caffemodel_zip(tmp_path, n_classes=21)
+    torch.save({"model": build_model(21, (1, 1, 1, 1), 8).state_dict()}, tmp_path / "ckpt.pth")
+    small_torchvision_resnet(tmp_path / "resnet.pth")
+    cases = [({"source": "caffemodel", "path": str(tmp_path / "init.caffemodel")}, {},
+              f"init caffemodel {tmp_path / 'init.caffemodel'}"),
+             ({"source": "checkpoint", "path": str(tmp_path / "ckpt.pth")}, {},
+              f"init checkpoint weights {tmp_path / 'ckpt.pth'}"),
+             ({"source": "torchvision", "path": str(tmp_path / "resnet.pth")}, {"model.width": 64},
+              f"init.path: {tmp_path / 'resnet.pth'}: torchvision's ImageNet ResNet")]
+    for n, (init, model, what) in enumerate(cases):
+        params = tiny_params(**model)
+        params["init"].update(init)
+        params["train"]["iterations"] = 0
+        root = make_project(tmp_path / f"repo{n}", params)
+        res = sh(root, "python", "-m", "stages.init", check=False, env=NO_TRACKING)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert (f"error: {what}: holds no head for dataset.n_classes 6, so it would start fresh, and "
+                "train.iterations is 0: the untrained head would be scored") in res.stderr
+        assert not (root / "data/models/init.pt").exists()
+    params["train"]["iterations"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
+    assert (root / "data/models/init.pt").is_file()
