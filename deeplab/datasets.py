@@ -412,6 +412,8 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
             parts = line.split()
             if len(parts) == 1 and paths:
                 items.append(Item(parts[0], *paths(parts[0])))
+            elif len(parts) > 1 and paths and paths(line.strip())[0].is_file():  # an id holding spaces
+                items.append(Item(line.strip(), *paths(line.strip())))
             elif len(parts) == 2:
                 image, label = (_under(root, p) for p in parts)
                 items.append(Item(image.stem, image, label))

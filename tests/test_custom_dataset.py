@@ -229,6 +229,22 @@ def test_split_lists_one_id_or_two_columns(tmp_path):
         split_items(cfg, data, "val")
 
 
+def test_split_list_ids_may_hold_spaces(tmp_path):
+    """One id per line: an id with a space ('IMG 0001', as the glob finds it) was read as '<image> <label>'
+    paths 'IMG' and '0001', neither found; it is the id when its image exists, else the line is a pair."""
+    data = tmp_path / "data"
+    voc_style(data)
+    for kind, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+        (data / kind / f"val_000.{ext}").rename(data / kind / f"val 000.{ext}")
+    (data / "val.txt").write_text("val 000\nval_001\nJPEGImages/val_002.jpg SegmentationClass/val_002.png\n")
+    cfg = DatasetConfig(name="custom", root=str(data), n_classes=3, custom={
+        "images": "JPEGImages/{id}.jpg", "labels": "SegmentationClass/{id}.png", "split_list": "{split}.txt",
+        "classes": ["a", "b", "c"]})
+    assert [(it.image_id, it.image, it.label) for it in split_items(cfg, data, "val")] == [
+        (i, data / "JPEGImages" / f"{i}.jpg", data / "SegmentationClass" / f"{i}.png")
+        for i in ("val 000", "val_001", "val_002")]
+
+
 def test_ids_stay_inside_the_folders_they_name_files_in(tmp_path):
     """A split list's ids name data/logits/<id>.npy, the predictions and remapped labels: a subfolder is fine,
     an id with '..' (its image found through it) or starting with '/' would write outside them, untracked."""
