@@ -91,7 +91,11 @@ def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
                                     "class values must be 0..255")
                 return wide.astype(np.uint8)
             if im.mode not in ("P", "L", "1"):
-                raise DataError(f"{path}: label must be a palette or grayscale image, got mode {im.mode}")
+                # A colour-coded map (CamVid's, Cityscapes' color.png) is the usual case: say what to do with it.
+                colour = (": a colour-coded label map? Convert it to class indices (dataset.custom.colours only "
+                          "sets display colours)") if im.mode in ("RGB", "RGBA") else ""
+                raise DataError(f"{path}: label must be a palette or grayscale image of class indices, got mode "
+                                f"{im.mode}{colour}")
             return np.array(im, dtype=np.uint8)  # mode 1 (bilevel): 0 and 1
     except FileNotFoundError:
         raise DataError(f"{path}: label file not found") from None

@@ -49,6 +49,13 @@ def test_label_roundtrip_and_rgb_label_rejected(tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "rgb.png")
     with pytest.raises(DataError, match="rgb.png: label must be a palette or grayscale"):
         read_label(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match=r"got mode RGB: a colour-coded label map\? Convert it to class indices "
+                                        r"\(dataset.custom.colours only sets display colours\)"):
+        read_label(tmp_path / "rgb.png")
+    Image.new("LA", (2, 2)).save(tmp_path / "la.png")
+    with pytest.raises(DataError, match=r"la.png: label must be a palette or grayscale image of class indices, got "
+                                        r"mode LA$"):
+        read_label(tmp_path / "la.png")
 
 
 def test_jpeg_label_refused_its_compression_shifts_classes(tmp_path):
