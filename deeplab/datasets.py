@@ -433,7 +433,12 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
             raise DataError(f"{root / other_case[0]}: matches dataset.custom.images {c.images!r} of split {split!r} "
                             f"but for the case of letters ({len(other_case)} such files, which would be left out): "
                             "rename them to the pattern's case")
-        ids = sorted(matched.values())
+        # Labels beside the images, of the same type ({id}.png and {id}_mask.png): the images pattern matches
+        # the label files too; a file that is the label of a matched id is no image of its own.
+        _, label_id = _id_glob(c.labels, split)
+        found = set(matched.values())
+        ids = sorted(i for rel, i in matched.items()
+                     if not ((m := label_id.fullmatch(rel)) and m.group(1) in found and m.group(1) != i))
         items = [Item(i, *paths(i)) for i in ids]
     return items
 

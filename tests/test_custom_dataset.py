@@ -229,6 +229,21 @@ def test_split_lists_one_id_or_two_columns(tmp_path):
         split_items(cfg, data, "val")
 
 
+def test_labels_beside_the_images_are_no_images_of_their_own(tmp_path):
+    """CamVid's own layout, {id}.png beside its {id}_L.png label: the images pattern matched the labels too, and
+    each label became an id whose label ({id}_L_L.png) was missing. An image whose name only looks like a
+    label (no image of that id) stays."""
+    data = tmp_path / "data"
+    camvid_style(data)
+    for label in (data / "trainannot").iterdir():
+        label.rename(data / "train" / f"{label.stem}_L.png")
+    (data / "train" / "lonely_L.png").write_bytes((data / "train" / "0001TP_000000.png").read_bytes())
+    cfg = _custom(data, labels="{split}/{id}_L.png")
+    assert [it.image_id for it in split_items(cfg, data, "train")] == [
+        *(f"0001TP_{k:06d}" for k in range(5)), "lonely_L"]
+    assert split_items(cfg, data, "train")[0].label == data / "train" / "0001TP_000000_L.png"
+
+
 def test_split_list_ids_may_hold_spaces(tmp_path):
     """One id per line: an id with a space ('IMG 0001', as the glob finds it) was read as '<image> <label>'
     paths 'IMG' and '0001', neither found; it is the id when its image exists, else the line is a pair."""
