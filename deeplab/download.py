@@ -194,9 +194,13 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
         write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
         log.info("using the %s dataset at %s", cfg.name, root)
     elif not ds.archives:
-        raise DownloadError(f"dataset.root: the {cfg.name} dataset has nothing to download; set it to the "
-                            "dataset's folder")
+        # data/raw is persistent in dvc.yaml, so files placed there are still there to move.
+        held = " (what it holds is left as it is: move it to a folder of its own)" if _holds_anything(out) else ""
+        raise DownloadError(f"dataset.root: {cfg.root} is the download stage's own folder, which it replaces, and "
+                            f"the {cfg.name} dataset has nothing to download: set dataset.root to your dataset's "
+                            f"folder{held}")
     else:
+        shutil.rmtree(out, ignore_errors=True)  # as DVC did before data/raw was persistent: disk for one copy
         _download_into(cfg, tmp, downloads)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -279,3 +279,29 @@ def test_a_failed_download_into_an_empty_root_leaves_it_empty(server, tmp_path):
         fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
     assert not (tmp_path / "raw").exists()
     assert not root.exists() or not any(p.name != ".deeplab-partial" for p in root.iterdir())
+
+
+def test_a_dataset_placed_in_data_raw_survives_dvc_repro(tmp_path):
+    """dataset.name custom with dataset.root data/raw and the files copied there: data/raw is the download
+    stage's output, which DVC deleted before running the stage, so the stage's refusal came after the dataset
+    was gone. data/raw is persistent now: the refusal names what to do and the files are still there."""
+    from tests.conftest import NO_TRACKING, make_project, sh, tiny_params
+
+    params = tiny_params()
+    params["dataset"].update(name="custom", root="data/raw", n_classes=3,
+                             custom={"images": "img/{split}/{id}.png", "labels": "ann/{split}/{id}.png",
+                                     "classes": ["a", "b", "c"]})
+    root = make_project(tmp_path / "repo", params, mlflow_store=False)
+    mine = {}
+    for split in ("train", "val"):
+        for kind in ("img", "ann"):
+            path = root / "data" / "raw" / kind / split / "x.png"
+            path.parent.mkdir(parents=True)
+            Image.new("L", (8, 8)).save(path)
+            mine[path] = path.read_bytes()
+    res = sh(root, "dvc", "repro", "download", check=False, env=NO_TRACKING)
+    assert res.returncode != 0
+    assert all(p.is_file() for p in mine) and {p: p.read_bytes() for p in mine} == mine
+    assert ("error: dataset.root: data/raw is the download stage's own folder, which it replaces, and the custom "
+            "dataset has nothing to download: set dataset.root to your dataset's folder (what it holds is left as "
+            "it is: move it to a folder of its own)") in res.stderr
