@@ -157,8 +157,9 @@ def run_crf(items: Sequence[Item], logits_dir: Path, out_dir: Path, cfg: CrfConf
     _compute(todo, done, logits_dir, cfg, mean_bgr, n_jobs)
     # Maps of these images made from earlier logits or images; those of other images stay (a crf.subset run
     # must not drop the rest of the split's maps).
-    for stale in set(store.iterdir()) - set(done.values()):
-        if stale.name.rsplit(".", 2)[0] in done:
+    # Files only, in subfolders too: an id may hold '/' ('a/b' beside 'a': the folder a is no map of id a).
+    for stale in {f for f in store.rglob("*") if f.is_file()} - set(done.values()):
+        if stale.relative_to(store).as_posix().rsplit(".", 2)[0] in done:
             stale.unlink(missing_ok=True)
     for it in items:
         _publish(done[it.image_id], out_dir / f"{it.image_id}.png")

@@ -197,3 +197,23 @@ def test_a_subset_run_keeps_the_other_images_maps(tmp_path):
     save_logits(logits / "0.npy", torch.from_numpy(np.load(logits / "0.npy").astype(np.float32)[::-1].copy()))
     assert run_crf(items[:1], logits, tmp_path / "sub", CrfConfig(), (0, 0, 0), 1, progress) == 1
     assert len(list(next(progress.iterdir()).glob("0.*.png"))) == 1
+
+
+def test_ids_naming_a_folder_of_other_ids(tmp_path):
+    """Ids 'a' and 'a/b' (a split list's subfolders): the store's folder 'a' was taken for a stale map of id
+    'a' and unlinked, an IsADirectoryError on every run."""
+    from PIL import Image
+
+    rgb, _, probs = two_region_case(48, 48)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    logits = torch.from_numpy(np.log(probs[:, ::8, ::8].copy()))
+    items = [Item(i, tmp_path / "img.png", tmp_path / "img.png") for i in ("a", "a/b")]
+    for it in items:
+        save_logits(tmp_path / "logits" / f"{it.image_id}.npy", logits)
+    assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 2
+    assert read_label(tmp_path / "out" / "a.png").shape == read_label(tmp_path / "out" / "a" / "b.png").shape
+    assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 0
+    save_logits(tmp_path / "logits" / "a" / "b.npy", -logits)  # new logits of a/b: its old map is stale
+    assert run_crf(items, tmp_path / "logits", tmp_path / "out", CrfConfig(), (0, 0, 0), n_jobs=1) == 1
+    (store,) = (tmp_path / "out.progress").iterdir()
+    assert len(list((store / "a").iterdir())) == 1 and len(list(store.glob("a.*.png"))) == 1
