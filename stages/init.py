@@ -86,7 +86,12 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             if clash:
                 raise ValueError(f"init.path: {i.path}: the checkpoint was trained with another model: " + "; ".join(
                     f"model.{k} is {show(given)} in the params, {show(have)} in the file" for k, have, given in clash))
-            if conflicts(meta, mean_bgr=p.dataset.mean_bgr):
+            fed = conflicts(meta, normalization=p.dataset.normalization, mean_bgr=p.dataset.mean_bgr)
+            if fed and p.train.iterations == 0:  # scored as they are, fed otherwise than trained: a low score
+                raise ValueError(f"init.path: {i.path}: train.iterations is 0, but the checkpoint was trained on "
+                                 "other input: " + "; ".join(f"dataset.{k} is {show(given)} in the params, "
+                                                              f"{show(have)} in the file" for k, have, given in fed))
+            if conflicts(meta, mean_bgr=p.dataset.mean_bgr):  # fine-tuning adapts to the new input
                 log.warning("init.path %s was trained with input mean %s, dataset.mean_bgr is %s", i.path,
                             show(meta["mean_bgr"]), show(p.dataset.mean_bgr))
             if meta["normalization"] != p.dataset.normalization:

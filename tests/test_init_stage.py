@@ -204,3 +204,27 @@ def test_weights_without_a_head_for_the_classes_are_not_scored_untrained(tmp_pat
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert (root / "data/models/init.pt").is_file()
+
+
+def test_a_checkpoint_is_scored_only_on_the_input_it_was_trained_on(tmp_path):
+    """train.iterations 0 with a final.pt trained on other input (dataset.mean_bgr, dataset.normalization):
+    train wrote the params' input into final.pt and everything after fed the network that way, a low score
+    with no more than a warning in the init log. Refused; fine-tuning (iterations > 0) still only warns."""
+    from tests.test_train import tiny_trained
+
+    trained = tiny_trained(tmp_path / "run")  # 4 classes, width 8, mean (100, 110, 120), caffe
+    params = tiny_params(**{"dataset.n_classes": 4})
+    params["dataset"]["normalization"] = "imagenet"
+    params["init"].update(source="checkpoint", path=str(trained))
+    params["train"]["iterations"] = 0
+    root = make_project(tmp_path / "repo", params, mlflow_store=False)
+    res = sh(root, "python", "-m", "stages.init", check=False, env=NO_TRACKING)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (f"error: init.path: {trained}: train.iterations is 0, but the checkpoint was trained on other input: "
+            "dataset.normalization is imagenet in the params, caffe in the file; dataset.mean_bgr is "
+            "[104.008, 116.669, 122.675] in the params, [100.0, 110.0, 120.0] in the file") in res.stderr
+    assert not (root / "data/models/init.pt").exists()
+    params["dataset"].update(normalization="caffe", mean_bgr=[100, 110, 120])
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
+    assert (root / "data/models/init.pt").is_file()
