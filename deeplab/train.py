@@ -253,7 +253,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code.
     key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
                       dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
-    start, rows = 0, []
+    start, rows, resume_rng = 0, [], {}
     if dist.rank == 0:
         for stale in (*remove_stale_temps(checkpoint), *remove_stale_temps(out_weights)):
             log.info("removed %s, left by a training process that was killed while writing it", stale)
@@ -273,6 +273,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
             opt.load_state_dict(ckpt["optimizer"])
             start = int(ckpt["iteration"])
             rows = [(int(i), loss, lr) for i, loss, lr in ckpt["log"].tolist()]
+            resume_rng = ckpt["rng"]
             log.info("resuming from %s at iteration %d", checkpoint, start)
         else:
             log.info("ignoring %s: it was written for other params, init weights, data or code", checkpoint)
@@ -291,7 +292,12 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     workers = tcfg.num_workers if tcfg.iterations else 0  # an evaluate-only run loads no data
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    batches = iter(loader)
+    batches = iter(loader)  # draws the loader's base seed from torch's RNG: restore the checkpoint's after it
+    if start:
+        # Dropout (v3 / v3+) draws from torch's RNG: continue the stream where the checkpointed run left it.
+        torch.set_rng_state(resume_rng["cpu"].cpu())
+        if cuda and "cuda" in resume_rng:
+            torch.cuda.set_rng_state(resume_rng["cuda"].cpu(), device)
 
     def flush(pending: list[tuple[int, torch.Tensor, float]]) -> None:
         """Move pending device losses into the log with one host sync (averaged over processes)."""
@@ -318,8 +324,9 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         if not all_finite(p.detach() for p in model.parameters()):
             raise RunError(f"train: the weights are no longer finite after iteration {it}. {kept()}")
         if dist.rank == 0:
+            rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
             save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                        "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64)}, checkpoint)
+                        "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64), "rng": rng}, checkpoint)
         saved = it
 
     hint = (f"lower train.batch_size ({tcfg.batch_size}) or train.crop_size ({tcfg.crop_size}), and raise "

@@ -125,6 +125,40 @@ def test_resume_reproduces_uninterrupted_run(tiny_setup):
     assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
 
 
+def test_resume_of_v3plus_with_trained_bn_and_dropout_reproduces_uninterrupted_run(tmp_path):
+    """v3+ trains BatchNorm and draws dropout masks from torch's RNG: the resumed run must continue that stream
+    (the checkpoint holds it), not restart it from train.seed, to end with the uninterrupted run's weights."""
+    from deeplab import synthetic
+    from deeplab.data import voc_layout_items
+
+    synthetic.generate(tmp_path / "raw", 6, 1, 48, 48, 4, seed=1)
+    write_list(tmp_path / "train.txt", voc_layout_items(tmp_path / "raw", "train"))
+    d = DatasetConfig(n_classes=4)
+    m = ModelConfig(n_blocks=(1, 1, 1, 1), width=8, arch="deeplabv3plus", output_stride=16, atrous_rates=None)
+    model = build_model(4, m.n_blocks, m.width, m.atrous_rates, m.scales, m.arch, m.output_stride)
+    init_from_scratch(model, 0)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    t = TrainConfig(iterations=4, batch_size=2, iter_size=2, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True, freeze_bn=False, device="cpu")
+    args = (d, m, t, tmp_path / "train.txt", tmp_path / "init.pt")
+    train(*args, tmp_path / "a.pt", tmp_path / "a_ck.pt", tmp_path / "a.csv")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(it, loss, lr):
+        if it == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv", on_log=crash_at_3)
+    assert train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv").resumed_from == 2
+    a, b = read_state_dict(tmp_path / "a.pt"), read_state_dict(tmp_path / "b.pt")
+    assert any(k.endswith("running_mean") for k in a)  # trained BN buffers are compared too
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
 def test_checkpoint_of_other_params_is_not_resumed(tiny_setup):
     tmp, d, m = tiny_setup
     t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=1)
