@@ -4,8 +4,9 @@ Each dataset's archives (URL and known checksums) are in its entry of ``deeplab.
 other downloads are in ``SOURCES``. ``fetch`` resumes an interrupted
 download with an HTTP Range request, retries transient failures with backoff, shows size and speed, and
 moves the file into place only after it is verified. Where no checksum is published, the size and SHA-256
-seen on the first download are recorded (``recorded.json`` beside the archives) and later downloads must
-match them. ``extract`` refuses members that would land outside the target.
+seen on the first download are recorded (``recorded.json`` beside the archives), once the file has read back
+as a whole archive (not an error page a server answered with), and later downloads must match them.
+``extract`` refuses members that would land outside the target.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shutil
 import tarfile
 import time
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -81,7 +84,11 @@ def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout:
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                if r.status_code == 416:  # the partial file is already complete
+                if r.status_code == 416:  # nothing at or after byte `have`: complete, unless the file is shorter
+                    size = r.headers.get("Content-Range", "").rpartition("/")[2]
+                    if size.isdigit() and int(size) != have:  # the partial file is of another, longer version
+                        part.unlink()
+                        raise requests.ConnectionError(f"{part.name} held {have} bytes, the file {size}: removed")
                     break
                 if r.status_code >= 500 or r.status_code == 429:
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
@@ -111,9 +118,12 @@ def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout:
 
 
 def download(archive: Archive, downloads: Path, base_url: str | None = None,
-             checksums: dict[str, object] | None = None) -> Path:
+             checksums: dict[str, object] | None = None,
+             check: Callable[[Path], str | None] | None = None) -> Path:
     """The verified archive in ``downloads``, fetched if absent. ``checksums`` replace the published values
-    (a mirror's own archive). A file that fails verification is removed."""
+    (a mirror's own archive). ``check`` says what is wrong with a fetched file (e.g. ``archive_problem``), or
+    None; it runs before the file is kept and its size and hash recorded, so an error page a server answered
+    with is never pinned as the file. A file that fails verification or the check is removed."""
     url = f"{base_url.rstrip('/')}/{archive.filename}" if base_url else archive.url
     dest = downloads / archive.filename
     record_file = downloads / "recorded.json"
@@ -125,6 +135,9 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
         tmp = fetch(url, dest.with_name(dest.name + ".unverified"), desc=archive.filename)
         try:
             seen = verify(tmp, url, expected, archive.filename)
+            problem = check(tmp) if check is not None else None
+            if problem:
+                raise DownloadError(f"{archive.filename}: {problem} (from {url})")
         except DownloadError:
             tmp.unlink()
             raise
@@ -135,6 +148,31 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
         recorded[archive.filename] = seen
         write_json(record_file, recorded)
     return dest
+
+
+def archive_problem(path: Path) -> str | None:
+    """What keeps ``path`` from extracting (not a zip or tar, truncated, a member failing its CRC), or None. Reads
+    the whole archive once (on a fresh download, next to the network's time)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            return f"damaged archive (member {bad!r} fails its CRC)" if bad else None
+        if tarfile.is_tarfile(path):
+            with tarfile.open(path) as t:
+                for m in t:
+                    f = t.extractfile(m) if m.isfile() else None
+                    while f is not None and f.read(1 << 20):
+                        pass
+            return None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        return f"damaged archive ({e})"
+    with open(path, "rb") as f:
+        head = f.read(256).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return ("not a zip or tar archive but a web page (the server answered with an error or sign-in page "
+                "instead of the file)")
+    return "neither a zip nor a tar archive"
 
 
 def _check_member(name: str, target: Path, archive: Path) -> None:
@@ -148,6 +186,14 @@ def _check_member(name: str, target: Path, archive: Path) -> None:
 def extract(archive: Path, target: Path) -> None:
     """Extract a zip or tar archive into ``target``, refusing absolute paths, '..' and escaping links."""
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        _extract(archive, target)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise DownloadError(f"{archive}: damaged archive ({e}); delete it, and its entry in "
+                            f"{archive.parent / 'recorded.json'} if it has one, to download it again") from None
+
+
+def _extract(archive: Path, target: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():
@@ -220,7 +266,7 @@ def _download_into(cfg: DatasetConfig, target: Path, downloads: Path) -> None:
     tmp = target / _PARTIAL
     shutil.rmtree(tmp, ignore_errors=True)
     for archive in DATASETS[cfg.name].archives:
-        path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename))
+        path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename), archive_problem)
         log.info("extracting %s", path.name)
         extract(path, tmp / archive.into)
     finish_layout(cfg, tmp)
@@ -234,7 +280,7 @@ def fetch_caffemodel(downloads: Path, name: str = "init.caffemodel", base_url: s
                      checksums: dict[str, object] | None = None) -> Path:
     """DeepLab v2's ``name`` from the authors' prototxt_and_model.zip (downloaded, verified, extracted once)."""
     archive = SOURCES["caffemodel"][0]
-    zip_path = download(archive, downloads, base_url, checksums)
+    zip_path = download(archive, downloads, base_url, checksums, archive_problem)
     target = downloads / zip_path.stem
     found = sorted(target.rglob(name)) if target.is_dir() else []
     if not found:

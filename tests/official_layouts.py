@@ -60,6 +60,7 @@ class ArchiveServer:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
                         self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
