@@ -161,16 +161,6 @@ def multi_scale_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor, igno
                for o in outputs)
 
 
-def calibration_batches(train_list: Path, dcfg: DatasetConfig, crop_size: int, seed: int, n_batches: int = 8,
-                        batch_size: int = 8) -> Iterator[torch.Tensor]:
-    """Unflipped random crops of training images at scale 1, for BatchNorm calibration."""
-    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(crop_size, (1.0,), False, seed),
-                                  normalization=dcfg.normalization)
-    sampler = iter(DrawSampler(len(dataset), seed))
-    for _ in range(min(n_batches, -(-len(dataset) // batch_size))):
-        yield torch.stack([dataset[next(sampler)][0] for _ in range(batch_size)])
-
-
 @dataclass
 class TrainResult:
     iterations: int
