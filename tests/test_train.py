@@ -1,3 +1,4 @@
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -298,3 +299,47 @@ def test_training_applies_the_augmentation_options(tiny_setup):
               tmp / f"{name}_ck.pt", tmp / f"{name}.csv")
         weights[name] = read_state_dict(tmp / f"{name}.pt")["base.aspp.c0.weight"]
     assert not torch.equal(weights["v2"], weights["range"]) and not torch.equal(weights["v2"], weights["blur"])
+
+
+def test_train_stage_resumed_after_sigterm_logs_the_whole_loss_series(tmp_path):
+    """The MLflow run of a resumed train stage holds train_loss from iteration log_every on, as an uninterrupted
+    run's does (it held only the iterations after the checkpoint), and says where it resumed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import NO_TRACKING, make_project, run_env, run_stages, tiny_params
+
+    params = tiny_params(**{"train.iterations": 80, "train.checkpoint_every": 10, "train.log_every": 10})
+    root = make_project(tmp_path / "repo", params)
+    run_stages(root, "download", "prepare", "init", env=NO_TRACKING)
+    ck = root / "data/checkpoints/last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=run_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        with contextlib.suppress(Exception):  # the file may be replaced while it is read
+            if ck.exists() and torch.load(ck, weights_only=True)["iteration"] >= 20:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    resumed_at = torch.load(ck, weights_only=True)["iteration"]
+    assert 20 <= resumed_at < 80
+    res = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=run_env(root), capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("deeplab").experiment_id],
+                              "tags.`deeplab.stage` = 'train'", order_by=["attributes.start_time DESC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "KILLED"]
+    assert runs[0].data.tags["deeplab.resumed_from"] == str(resumed_at)
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(10, 81, 10))
+    logged = {int(line.split(",")[0]): float(line.split(",")[1])
+              for line in (root / "metrics/train_log.csv").read_text().splitlines()[1:]}
+    assert all(m.value == pytest.approx(logged[m.step], abs=1e-6) for m in history)
