@@ -228,22 +228,26 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
     class_names(cfg)  # a custom dataset's class file that does not fit fails here, before anything is made
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if ds.generate is not None:
-        ds.generate(cfg, tmp)
-    elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
-        root = Path(cfg.root)
-        if ds.archives and not _holds_anything(root):
-            log.info("dataset.root %s is empty: downloading the %s dataset into it", root, cfg.name)
-            _download_into(cfg, root, downloads)
-        check_layout(cfg, root)
-        tmp.mkdir(parents=True)
-        write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
-        log.info("using the %s dataset at %s", cfg.name, root)
-    elif not ds.archives:
-        raise DownloadError(f"dataset.root: the {cfg.name} dataset has nothing to download; set it to the "
-                            "dataset's folder")
-    else:
-        _download_into(cfg, tmp, downloads)
+    try:
+        if ds.generate is not None:
+            ds.generate(cfg, tmp)
+        elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
+            root = Path(cfg.root)
+            if ds.archives and not _holds_anything(root):
+                log.info("dataset.root %s is empty: downloading the %s dataset into it", root, cfg.name)
+                _download_into(cfg, root, downloads)
+            check_layout(cfg, root)
+            tmp.mkdir(parents=True)
+            write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
+            log.info("using the %s dataset at %s", cfg.name, root)
+        elif not ds.archives:
+            raise DownloadError(f"dataset.root: the {cfg.name} dataset has nothing to download; set it to the "
+                                "dataset's folder")
+        else:
+            _download_into(cfg, tmp, downloads)
+    except BaseException:  # a failed download or extraction leaves no dataset files beside ``out``
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("dataset %s ready in %s", cfg.name, out)
@@ -261,16 +265,28 @@ def _download_into(cfg: DatasetConfig, target: Path, downloads: Path) -> None:
     """Download, verify and extract the archives of ``cfg``'s dataset into ``target`` (absent or empty): in
     ``target/.deeplab-partial`` first, whose entries move into ``target`` once the layout checks out (a rename
     on one filesystem, and ``target`` may be a mount point)."""
+    from deeplab.data import DataError
     from deeplab.datasets import DATASETS, check_layout, finish_layout
 
     tmp = target / _PARTIAL
     shutil.rmtree(tmp, ignore_errors=True)
-    for archive in DATASETS[cfg.name].archives:
-        path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename), archive_problem)
-        log.info("extracting %s", path.name)
-        extract(path, tmp / archive.into)
-    finish_layout(cfg, tmp)
-    check_layout(cfg, tmp)
+    archives = DATASETS[cfg.name].archives
+    try:
+        for archive in archives:
+            path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename), archive_problem)
+            log.info("extracting %s", path.name)
+            extract(path, tmp / archive.into)
+        finish_layout(cfg, tmp)
+        try:
+            check_layout(cfg, tmp)
+        except DataError as e:  # e.g. a mirror's archive that holds the layout under a folder of another name
+            held = ", ".join(sorted(p.name + "/" * p.is_dir() for p in tmp.iterdir())) or "nothing"
+            mirror = " (a mirror's archives must unpack as the official ones)" if cfg.base_url else ""
+            raise DataError(f"{cfg.name}: the extracted archives ({', '.join(a.filename for a in archives)}) "
+                            f"lack {str(e).partition(': missing ')[2]}; their top level holds {held}{mirror}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for entry in tmp.iterdir():
         entry.rename(target / entry.name)
     tmp.rmdir()

@@ -231,6 +231,25 @@ def test_failed_download_leaves_no_output(server, tmp_path):
     assert [p.name for p in (tmp_path / "downloads").iterdir()] == []
 
 
+def test_an_archive_of_another_layout_is_named_and_its_files_removed(server, tmp_path):
+    """A mirror's archive that holds the dataset under a top-level folder of another name: the error says what
+    the archive holds, and the extracted files do not stay beside data/raw (or in an empty dataset.root)."""
+    name = "cocostuff-10k-v1.1.zip"
+    official = zipfile.ZipFile(io.BytesIO(cocostuff10k_archive(2, 1)[name]))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for info in official.infolist():
+            z.writestr(f"cocostuff-10k/{info.filename}", official.read(info))
+    server.files[name] = buf.getvalue()
+    cfg = DatasetConfig(name="cocostuff10k", base_url=server.url, n_classes=182, val_split="test")
+    for root in (None, tmp_path / "outside"):
+        with pytest.raises(DataError, match=rf"^cocostuff10k: the extracted archives \({name}\) lack images "
+                                            r"\(folder\).*; their top level holds cocostuff-10k/ \(a mirror"):
+            fetch_dataset(cfg.model_copy(update={"root": root and str(root)}), tmp_path / "raw", tmp_path / "dl")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"] + ["outside"] * (root is not None)
+        assert root is None or list(root.iterdir()) == []
+
+
 def test_cocostuff10k_labels(server, tmp_path):
     files = cocostuff10k_archive()
     server.files.update(files)
