@@ -143,7 +143,11 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
             raise
         os.replace(tmp, dest)
     else:
-        seen = verify(dest, url, expected)
+        try:
+            seen = verify(dest, url, expected)
+        except DownloadError as e:  # damaged on disk, or replaced by hand: it stays (it may be the user's)
+            raise DownloadError(f"{dest} (downloaded earlier){str(e).removeprefix(dest.name).split(' (from ')[0]}; "
+                                "delete it to download it again") from None
     if archive.filename not in recorded:
         recorded[archive.filename] = seen
         write_json(record_file, recorded)

@@ -151,6 +151,17 @@ def test_extract_names_a_damaged_archive(tmp_path):
         extract(tmp_path / "d.zip", tmp_path / "out")
 
 
+def test_a_damaged_earlier_download_is_named_with_what_to_do(server, tmp_path):
+    server.files["a.bin"] = b"payload"
+    archive = Archive("http://example.invalid/a.bin", md5=md5(b"payload"))
+    download(archive, tmp_path, server.url)
+    (tmp_path / "a.bin").write_bytes(b"paylo")
+    with pytest.raises(DownloadError, match=r"a.bin \(downloaded earlier\): md5 mismatch: expected [0-9a-f]{32}, got "
+                                            r"[0-9a-f]{32}; delete it to download it again$"):
+        download(archive, tmp_path, server.url)
+    assert len(server.log) == 1  # nothing fetched again
+
+
 def _zip_with(name):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
