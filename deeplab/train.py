@@ -156,9 +156,16 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def multi_scale_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor, ignore: int = IGNORE) -> torch.Tensor:
-    """Sum of the cross-entropies of every MSC output against labels shrunk to its size."""
-    return sum(F.cross_entropy(o.float(), resize_labels(labels, o.shape[-2:]), ignore_index=ignore)
-               for o in outputs)
+    """Sum of the cross-entropies of every MSC output against labels shrunk to its size. An output whose shrunk
+    labels are all ``ignore`` (a crop of unlabelled pixels) adds 0 and no gradient: cross_entropy's mean over no
+    pixel is NaN, which would stop training as a diverged loss, at the same batch on every resume. Chosen on the
+    device, without a host sync; every other batch's loss is the plain sum, bit for bit."""
+    total = 0
+    for o in outputs:
+        target = resize_labels(labels, o.shape[-2:])
+        loss = F.cross_entropy(o.float(), target, ignore_index=ignore)
+        total = total + torch.where((target != ignore).any(), loss, torch.zeros_like(loss))
+    return total
 
 
 @dataclass

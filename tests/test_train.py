@@ -67,6 +67,23 @@ def test_multi_scale_loss_by_hand():
     assert F.cross_entropy(full, labels, ignore_index=255).item() == pytest.approx(expected - math.log(2), rel=1e-6)
 
 
+def test_an_output_with_every_label_ignored_adds_nothing_and_trains_on():
+    """A crop of unlabelled pixels: cross_entropy's mean over no pixel is NaN, which stopped training as a
+    diverged loss (at the same batch on every resume). That output adds 0 and no gradient; others are exact."""
+    torch.manual_seed(0)
+    labels = torch.full((1, 4, 4), 255)
+    labels[0, 0, 0] = 1  # one labelled pixel: lost when shrunk to 1x1 (nearest takes pixel (2, 2))
+    full = torch.randn(1, 3, 4, 4, requires_grad=True)
+    small = torch.randn(1, 3, 1, 1, requires_grad=True)
+    loss = multi_scale_loss([full, small], labels)
+    assert torch.equal(loss, F.cross_entropy(full, labels, ignore_index=255))
+    loss.backward()
+    assert torch.isfinite(full.grad).all() and torch.equal(small.grad, torch.zeros_like(small))
+    valid = torch.randint(0, 3, (1, 4, 4))  # nothing ignored: the plain sum, bit for bit
+    assert torch.equal(multi_scale_loss([full, small], valid),
+                       F.cross_entropy(full, valid) + F.cross_entropy(small, resize_labels(valid, (1, 1))))
+
+
 @pytest.fixture
 def tiny_setup(tmp_path):
     from deeplab import synthetic
@@ -343,3 +360,19 @@ def test_train_stage_resumed_after_sigterm_logs_the_whole_loss_series(tmp_path):
     logged = {int(line.split(",")[0]): float(line.split(",")[1])
               for line in (root / "metrics/train_log.csv").read_text().splitlines()[1:]}
     assert all(m.value == pytest.approx(logged[m.step], abs=1e-6) for m in history)
+
+
+def test_training_runs_on_over_a_label_with_every_pixel_ignored(tiny_setup):
+    tmp, d, m = tiny_setup
+    from deeplab.data import read_list
+
+    label = read_list(tmp / "train.txt")[0].label  # every image is drawn in the first 6 iterations
+    with Image.open(label) as im:
+        unlabelled = Image.fromarray(np.full((im.height, im.width), 255, np.uint8), mode="P")
+        unlabelled.putpalette(im.getpalette() or [])
+    unlabelled.save(label)
+    t = TrainConfig(iterations=6, batch_size=1, iter_size=1, crop_size=33, checkpoint_every=6, log_every=1,
+                    device="cpu")
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv")
+    losses = [float(line.split(",")[1]) for line in (tmp / "log.csv").read_text().splitlines()[1:]]
+    assert 0.0 in losses and all(math.isfinite(v) for v in losses)
