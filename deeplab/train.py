@@ -34,6 +34,10 @@ CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.
                                                  "resnet.py", "deeplabv3.py"))
 
 
+# train.* fields that change no weight: a checkpoint written under other values of them is resumed.
+RESUME_INDEPENDENT = {"device", "num_workers", "log_every", "checkpoint_every"}
+
+
 class RunError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); the message says what to change."""
 
@@ -247,8 +251,10 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         freeze_bn(model)
     opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.weight_decay), lr=tcfg.lr, momentum=tcfg.momentum)
 
-    # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code.
-    key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
+    # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code (less
+    # what changes no weight: where data loads, and how often the loss is logged and checkpoints are written, so a
+    # crashed run can be resumed with more frequent checkpoints).
+    key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude=RESUME_INDEPENDENT),
                       dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
     start, rows, resume_rng = 0, [], {}
     if dist.rank == 0:

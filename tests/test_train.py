@@ -177,6 +177,32 @@ def test_resume_of_v3plus_with_trained_bn_and_dropout_reproduces_uninterrupted_r
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
 
 
+def test_resume_with_other_checkpoint_and_log_intervals_continues_the_run(tiny_setup):
+    """After a crash, checkpointing or logging more often changes no weight: the checkpoint is resumed (it was
+    ignored as 'written for other params', and training started over), with the uninterrupted run's result."""
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=5, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True)
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(it, loss, lr):
+        if it == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
+              on_log=crash_at_3)
+    often = t.model_copy(update={"checkpoint_every": 1, "log_every": 2})
+    res = train(d, m, often, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv")
+    assert res.resumed_from == 2
+    a, b = read_state_dict(tmp / "a.pt"), read_state_dict(tmp / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
+
+
 def test_checkpoint_of_other_params_is_not_resumed(tiny_setup):
     tmp, d, m = tiny_setup
     t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=1)
