@@ -74,14 +74,19 @@ def verify(path: Path, url: str, expected: dict[str, object], name: str | None =
 
 def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0,
           desc: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range."""
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range (and If-Range,
+    where the server named the version it sent, so that a file changed since gives the whole new file instead of
+    its tail appended to the old file's head)."""
     import requests  # here: the synthetic default and local datasets never download
 
     part = dest.with_name(dest.name + ".part")
+    version = dest.with_name(dest.name + ".part.version")  # the ETag or Last-Modified of the partial file's bytes
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and version.exists():
+            headers["If-Range"] = version.read_text()
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
                 if r.status_code == 416:  # nothing at or after byte `have`: complete, unless the file is shorter
@@ -94,8 +99,15 @@ def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout:
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
                 if r.status_code not in (200, 206):
                     raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
-                if have and r.status_code == 200:  # the server ignored Range: start over
+                if have and r.status_code == 200:  # the server ignored Range, or the file changed: start over
                     have = 0
+                if not have:
+                    etag = r.headers.get("ETag", "")
+                    tag = r.headers.get("Last-Modified", "") if etag.startswith("W/") or not etag else etag
+                    if tag:
+                        version.write_text(tag)
+                    else:
+                        version.unlink(missing_ok=True)
                 total = int(r.headers.get("Content-Length", 0)) + have or None
                 with open(part, "ab" if have else "wb") as f, tqdm(
                         total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
@@ -114,6 +126,7 @@ def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout:
             log.warning("%s: %s; retrying in %.0f s (attempt %d of %d)", url, e, wait, attempt + 2, retries + 1)
             time.sleep(wait)
     os.replace(part, dest)
+    version.unlink(missing_ok=True)
     return dest
 
 

@@ -68,6 +68,19 @@ def test_resume_of_a_partial_file_left_by_an_earlier_run(server, tmp_path):
     assert (tmp_path / "f.bin").read_bytes() == data and server.log == [("f.bin", "bytes=4000-")]
 
 
+def test_a_partial_file_of_a_file_changed_since_is_not_spliced(server, tmp_path):
+    """Resumed with If-Range and the version the partial file came from: a file changed on the server since
+    comes whole (the tail of the new file was appended to the head of the old one)."""
+    old, new = b"o" * 300_000, b"n" * 300_000
+    server.files["f.bin"], server.drop_after["f.bin"] = old, 200_000
+    with pytest.raises(DownloadError, match="giving up after 1 attempts"):
+        fetch(f"{server.url}/f.bin", tmp_path / "f.bin", retries=0)
+    assert 0 < (tmp_path / "f.bin.part").stat().st_size < len(old)
+    server.files["f.bin"] = new
+    assert fetch(f"{server.url}/f.bin", tmp_path / "f.bin").read_bytes() == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
 def test_transient_errors_retried_then_clear_failure(server, tmp_path):
     server.files["f.bin"] = b"abc"
     server.fail["f.bin"] = 2
