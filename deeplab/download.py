@@ -4,8 +4,9 @@ Each dataset's archives (URL and known checksums) are in its entry of ``deeplab.
 other downloads are in ``SOURCES``. ``fetch`` resumes an interrupted
 download with an HTTP Range request, retries transient failures with backoff, shows size and speed, and
 moves the file into place only after it is verified. Where no checksum is published, the size and SHA-256
-seen on the first download are recorded (``recorded.json`` beside the archives) and later downloads must
-match them. ``extract`` refuses members that would land outside the target.
+seen on the first download are recorded (``recorded.json`` beside the archives), once the file has read back
+as a whole archive (not an error page a server answered with), and later downloads must match them.
+``extract`` refuses members that would land outside the target.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shutil
 import tarfile
 import time
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -71,24 +74,40 @@ def verify(path: Path, url: str, expected: dict[str, object], name: str | None =
 
 def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0,
           desc: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range."""
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial file with HTTP Range (and If-Range,
+    where the server named the version it sent, so that a file changed since gives the whole new file instead of
+    its tail appended to the old file's head)."""
     import requests  # here: the synthetic default and local datasets never download
 
     part = dest.with_name(dest.name + ".part")
+    version = dest.with_name(dest.name + ".part.version")  # the ETag or Last-Modified of the partial file's bytes
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and version.exists():
+            headers["If-Range"] = version.read_text()
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                if r.status_code == 416:  # the partial file is already complete
+                if r.status_code == 416:  # nothing at or after byte `have`: complete, unless the file is shorter
+                    size = r.headers.get("Content-Range", "").rpartition("/")[2]
+                    if size.isdigit() and int(size) != have:  # the partial file is of another, longer version
+                        part.unlink()
+                        raise requests.ConnectionError(f"{part.name} held {have} bytes, the file {size}: removed")
                     break
                 if r.status_code >= 500 or r.status_code == 429:
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
                 if r.status_code not in (200, 206):
                     raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
-                if have and r.status_code == 200:  # the server ignored Range: start over
+                if have and r.status_code == 200:  # the server ignored Range, or the file changed: start over
                     have = 0
+                if not have:
+                    etag = r.headers.get("ETag", "")
+                    tag = r.headers.get("Last-Modified", "") if etag.startswith("W/") or not etag else etag
+                    if tag:
+                        version.write_text(tag)
+                    else:
+                        version.unlink(missing_ok=True)
                 total = int(r.headers.get("Content-Length", 0)) + have or None
                 with open(part, "ab" if have else "wb") as f, tqdm(
                         total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
@@ -107,13 +126,17 @@ def fetch(url: str, dest: Path, retries: int = 5, backoff: float = 1.0, timeout:
             log.warning("%s: %s; retrying in %.0f s (attempt %d of %d)", url, e, wait, attempt + 2, retries + 1)
             time.sleep(wait)
     os.replace(part, dest)
+    version.unlink(missing_ok=True)
     return dest
 
 
 def download(archive: Archive, downloads: Path, base_url: str | None = None,
-             checksums: dict[str, object] | None = None) -> Path:
+             checksums: dict[str, object] | None = None,
+             check: Callable[[Path], str | None] | None = None) -> Path:
     """The verified archive in ``downloads``, fetched if absent. ``checksums`` replace the published values
-    (a mirror's own archive). A file that fails verification is removed."""
+    (a mirror's own archive). ``check`` says what is wrong with a fetched file (e.g. ``archive_problem``), or
+    None; it runs before the file is kept and its size and hash recorded, so an error page a server answered
+    with is never pinned as the file. A file that fails verification or the check is removed."""
     url = f"{base_url.rstrip('/')}/{archive.filename}" if base_url else archive.url
     dest = downloads / archive.filename
     record_file = downloads / "recorded.json"
@@ -125,16 +148,48 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
         tmp = fetch(url, dest.with_name(dest.name + ".unverified"), desc=archive.filename)
         try:
             seen = verify(tmp, url, expected, archive.filename)
+            problem = check(tmp) if check is not None else None
+            if problem:
+                raise DownloadError(f"{archive.filename}: {problem} (from {url})")
         except DownloadError:
             tmp.unlink()
             raise
         os.replace(tmp, dest)
     else:
-        seen = verify(dest, url, expected)
+        try:
+            seen = verify(dest, url, expected)
+        except DownloadError as e:  # damaged on disk, or replaced by hand: it stays (it may be the user's)
+            raise DownloadError(f"{dest} (downloaded earlier){str(e).removeprefix(dest.name).split(' (from ')[0]}; "
+                                "delete it to download it again") from None
     if archive.filename not in recorded:
         recorded[archive.filename] = seen
         write_json(record_file, recorded)
     return dest
+
+
+def archive_problem(path: Path) -> str | None:
+    """What keeps ``path`` from extracting (not a zip or tar, truncated, a member failing its CRC), or None. Reads
+    the whole archive once (on a fresh download, next to the network's time)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            return f"damaged archive (member {bad!r} fails its CRC)" if bad else None
+        if tarfile.is_tarfile(path):
+            with tarfile.open(path) as t:
+                for m in t:
+                    f = t.extractfile(m) if m.isfile() else None
+                    while f is not None and f.read(1 << 20):
+                        pass
+            return None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        return f"damaged archive ({e})"
+    with open(path, "rb") as f:
+        head = f.read(256).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return ("not a zip or tar archive but a web page (the server answered with an error or sign-in page "
+                "instead of the file)")
+    return "neither a zip nor a tar archive"
 
 
 def _check_member(name: str, target: Path, archive: Path) -> None:
@@ -148,6 +203,14 @@ def _check_member(name: str, target: Path, archive: Path) -> None:
 def extract(archive: Path, target: Path) -> None:
     """Extract a zip or tar archive into ``target``, refusing absolute paths, '..' and escaping links."""
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        _extract(archive, target)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise DownloadError(f"{archive}: damaged archive ({e}); delete it, and its entry in "
+                            f"{archive.parent / 'recorded.json'} if it has one, to download it again") from None
+
+
+def _extract(archive: Path, target: Path) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():
@@ -182,26 +245,30 @@ def fetch_dataset(cfg: DatasetConfig, out: Path, downloads: Path = Path("data/do
     class_names(cfg)  # a custom dataset's class file that does not fit fails here, before anything is made
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if ds.generate is not None:
-        ds.generate(cfg, tmp)
-    elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
-        root = Path(cfg.root)
-        if ds.archives and not _holds_anything(root):
-            log.info("dataset.root %s is empty: downloading the %s dataset into it", root, cfg.name)
-            _download_into(cfg, root, downloads)
-        check_layout(cfg, root)
-        tmp.mkdir(parents=True)
-        write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
-        log.info("using the %s dataset at %s", cfg.name, root)
-    elif not ds.archives:
-        # data/raw is persistent in dvc.yaml, so files placed there are still there to move.
-        held = " (what it holds is left as it is: move it to a folder of its own)" if _holds_anything(out) else ""
-        raise DownloadError(f"dataset.root: {cfg.root} is the download stage's own folder, which it replaces, and "
-                            f"the {cfg.name} dataset has nothing to download: set dataset.root to your dataset's "
-                            f"folder{held}")
-    else:
-        shutil.rmtree(out, ignore_errors=True)  # as DVC did before data/raw was persistent: disk for one copy
-        _download_into(cfg, tmp, downloads)
+    try:
+        if ds.generate is not None:
+            ds.generate(cfg, tmp)
+        elif cfg.root and Path(cfg.root).resolve() != out.resolve():  # root data/raw: the download's own folder
+            root = Path(cfg.root)
+            if ds.archives and not _holds_anything(root):
+                log.info("dataset.root %s is empty: downloading the %s dataset into it", root, cfg.name)
+                _download_into(cfg, root, downloads)
+            check_layout(cfg, root)
+            tmp.mkdir(parents=True)
+            write_json(tmp / "external.json", {"dataset": cfg.name, "root": str(root.resolve())})
+            log.info("using the %s dataset at %s", cfg.name, root)
+        elif not ds.archives:
+            # data/raw is persistent in dvc.yaml, so files placed there are still there to move.
+            held = " (what it holds is left as it is: move it to a folder of its own)" if _holds_anything(out) else ""
+            raise DownloadError(f"dataset.root: {cfg.root} is the download stage's own folder, which it replaces, "
+                                f"and the {cfg.name} dataset has nothing to download: set dataset.root to your "
+                                f"dataset's folder{held}")
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # as DVC did before data/raw was persistent: disk for one copy
+            _download_into(cfg, tmp, downloads)
+    except BaseException:  # a failed download or extraction leaves no dataset files beside ``out``
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("dataset %s ready in %s", cfg.name, out)
@@ -219,16 +286,28 @@ def _download_into(cfg: DatasetConfig, target: Path, downloads: Path) -> None:
     """Download, verify and extract the archives of ``cfg``'s dataset into ``target`` (absent or empty): in
     ``target/.deeplab-partial`` first, whose entries move into ``target`` once the layout checks out (a rename
     on one filesystem, and ``target`` may be a mount point)."""
+    from deeplab.data import DataError
     from deeplab.datasets import DATASETS, check_layout, finish_layout
 
     tmp = target / _PARTIAL
     shutil.rmtree(tmp, ignore_errors=True)
-    for archive in DATASETS[cfg.name].archives:
-        path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename))
-        log.info("extracting %s", path.name)
-        extract(path, tmp / archive.into)
-    finish_layout(cfg, tmp)
-    check_layout(cfg, tmp)
+    archives = DATASETS[cfg.name].archives
+    try:
+        for archive in archives:
+            path = download(archive, downloads, cfg.base_url, cfg.checksums.get(archive.filename), archive_problem)
+            log.info("extracting %s", path.name)
+            extract(path, tmp / archive.into)
+        finish_layout(cfg, tmp)
+        try:
+            check_layout(cfg, tmp)
+        except DataError as e:  # e.g. a mirror's archive that holds the layout under a folder of another name
+            held = ", ".join(sorted(p.name + "/" * p.is_dir() for p in tmp.iterdir())) or "nothing"
+            mirror = " (a mirror's archives must unpack as the official ones)" if cfg.base_url else ""
+            raise DataError(f"{cfg.name}: the extracted archives ({', '.join(a.filename for a in archives)}) "
+                            f"lack {str(e).partition(': missing ')[2]}; their top level holds {held}{mirror}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for entry in tmp.iterdir():
         entry.rename(target / entry.name)
     tmp.rmdir()
@@ -238,7 +317,7 @@ def fetch_caffemodel(downloads: Path, name: str = "init.caffemodel", base_url: s
                      checksums: dict[str, object] | None = None) -> Path:
     """DeepLab v2's ``name`` from the authors' prototxt_and_model.zip (downloaded, verified, extracted once)."""
     archive = SOURCES["caffemodel"][0]
-    zip_path = download(archive, downloads, base_url, checksums)
+    zip_path = download(archive, downloads, base_url, checksums, archive_problem)
     target = downloads / zip_path.stem
     found = sorted(target.rglob(name)) if target.is_dir() else []
     if not found:

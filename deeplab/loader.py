@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from deeplab.data import IGNORE, DataError, check_label_values, read_image, read_label, read_list
+
+if TYPE_CHECKING:
+    from deeplab.config import DatasetConfig
 
 # torchvision's ImageNet weights expect RGB in [0, 1] standardised by these (per channel, RGB order).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,6 +138,17 @@ class DrawSampler(Sampler):
                 epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
             yield int(perm[pos]), draw
             draw += self.stride
+
+
+def calibration_batches(train_list: Path, dcfg: DatasetConfig, crop_size: int, seed: int, n_batches: int = 8,
+                        batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """Unflipped random crops of training images at scale 1, for BatchNorm calibration (the init stage's: here,
+    with the data pipeline it reads through, among the init stage's code dependencies)."""
+    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(crop_size, (1.0,), False, seed),
+                                  normalization=dcfg.normalization)
+    sampler = iter(DrawSampler(len(dataset), seed))
+    for _ in range(min(n_batches, -(-len(dataset) // batch_size))):
+        yield torch.stack([dataset[next(sampler)][0] for _ in range(batch_size)])
 
 
 def worker_error(e: DataError) -> DataError:

@@ -34,6 +34,10 @@ CODE = tuple(Path(__file__).parent / f for f in ("train.py", "models.py", "data.
                                                  "resnet.py", "deeplabv3.py"))
 
 
+# train.* fields that change no weight: a checkpoint written under other values of them is resumed.
+RESUME_INDEPENDENT = {"device", "num_workers", "log_every", "checkpoint_every"}
+
+
 class RunError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); the message says what to change."""
 
@@ -156,19 +160,16 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def multi_scale_loss(outputs: Sequence[torch.Tensor], labels: torch.Tensor, ignore: int = IGNORE) -> torch.Tensor:
-    """Sum of the cross-entropies of every MSC output against labels shrunk to its size."""
-    return sum(F.cross_entropy(o.float(), resize_labels(labels, o.shape[-2:]), ignore_index=ignore)
-               for o in outputs)
-
-
-def calibration_batches(train_list: Path, dcfg: DatasetConfig, crop_size: int, seed: int, n_batches: int = 8,
-                        batch_size: int = 8) -> Iterator[torch.Tensor]:
-    """Unflipped random crops of training images at scale 1, for BatchNorm calibration."""
-    dataset = SegmentationDataset(train_list, dcfg.mean_bgr, Augment(crop_size, (1.0,), False, seed),
-                                  normalization=dcfg.normalization)
-    sampler = iter(DrawSampler(len(dataset), seed))
-    for _ in range(min(n_batches, -(-len(dataset) // batch_size))):
-        yield torch.stack([dataset[next(sampler)][0] for _ in range(batch_size)])
+    """Sum of the cross-entropies of every MSC output against labels shrunk to its size. An output whose shrunk
+    labels are all ``ignore`` (a crop of unlabelled pixels) adds 0 and no gradient: cross_entropy's mean over no
+    pixel is NaN, which would stop training as a diverged loss, at the same batch on every resume. Chosen on the
+    device, without a host sync; every other batch's loss is the plain sum, bit for bit."""
+    total = 0
+    for o in outputs:
+        target = resize_labels(labels, o.shape[-2:])
+        loss = F.cross_entropy(o.float(), target, ignore_index=ignore)
+        total = total + torch.where((target != ignore).any(), loss, torch.zeros_like(loss))
+    return total
 
 
 @dataclass
@@ -250,10 +251,12 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         freeze_bn(model)
     opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.weight_decay), lr=tcfg.lr, momentum=tcfg.momentum)
 
-    # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code.
-    key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude={"device", "num_workers"}),
+    # A checkpoint is resumed only if it belongs to this exact configuration, initialisation, data and code (less
+    # what changes no weight: where data loads, and how often the loss is logged and checkpoints are written, so a
+    # crashed run can be resumed with more frequent checkpoints).
+    key = fingerprint(dcfg.model_dump(), mcfg.model_dump(), tcfg.model_dump(exclude=RESUME_INDEPENDENT),
                       dist.world, *(file_hash(f) for f in (init_weights, train_list, *CODE)))
-    start, rows = 0, []
+    start, rows, resume_rng = 0, [], {}
     if dist.rank == 0:
         for stale in (*remove_stale_temps(checkpoint), *remove_stale_temps(out_weights)):
             log.info("removed %s, left by a training process that was killed while writing it", stale)
@@ -273,6 +276,7 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
             opt.load_state_dict(ckpt["optimizer"])
             start = int(ckpt["iteration"])
             rows = [(int(i), loss, lr) for i, loss, lr in ckpt["log"].tolist()]
+            resume_rng = ckpt["rng"]
             log.info("resuming from %s at iteration %d", checkpoint, start)
         else:
             log.info("ignoring %s: it was written for other params, init weights, data or code", checkpoint)
@@ -291,7 +295,12 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
     workers = tcfg.num_workers if tcfg.iterations else 0  # an evaluate-only run loads no data
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    batches = iter(loader)
+    batches = iter(loader)  # draws the loader's base seed from torch's RNG: restore the checkpoint's after it
+    if start:
+        # Dropout (v3 / v3+) draws from torch's RNG: continue the stream where the checkpointed run left it.
+        torch.set_rng_state(resume_rng["cpu"].cpu())
+        if cuda and "cuda" in resume_rng:
+            torch.cuda.set_rng_state(resume_rng["cuda"].cpu(), device)
 
     def flush(pending: list[tuple[int, torch.Tensor, float]]) -> None:
         """Move pending device losses into the log with one host sync (averaged over processes)."""
@@ -318,8 +327,9 @@ def train(dcfg: DatasetConfig, mcfg: ModelConfig, tcfg: TrainConfig, train_list:
         if not all_finite(p.detach() for p in model.parameters()):
             raise RunError(f"train: the weights are no longer finite after iteration {it}. {kept()}")
         if dist.rank == 0:
+            rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
             save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                        "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64)}, checkpoint)
+                        "fingerprint": key, "log": torch.tensor(rows, dtype=torch.float64), "rng": rng}, checkpoint)
         saved = it
 
     hint = (f"lower train.batch_size ({tcfg.batch_size}) or train.crop_size ({tcfg.crop_size}), and raise "

@@ -10,6 +10,7 @@ from deeplab.download import fetch_caffemodel, fetch_released
 from deeplab.files import file_hash, save_torch
 from deeplab.imagenet import layout as tv_layout
 from deeplab.imagenet import load_torchvision
+from deeplab.loader import calibration_batches
 from deeplab.models import (
     build_model,
     calibrate_bn,
@@ -23,7 +24,6 @@ from deeplab.models import (
 )
 from deeplab.stage import command
 from deeplab.tracking import stage_run
-from deeplab.train import calibration_batches
 
 log = logging.getLogger("stages.init")
 

@@ -2,7 +2,7 @@ import csv
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,6 +13,19 @@ from deeplab.tracking import stage_run
 from deeplab.train import train as run_training
 
 log = logging.getLogger("stages.train")
+
+
+def log_series(mlflow: Any, log_csv: Path, log_every: int, iterations: int, through: int | None = None,
+               ) -> list[dict[str, str]]:
+    """The loss and lr of the training log's iterations that one process logs as it trains (every log_every-th
+    and the last), up to ``through``, as MLflow series; returns the log's rows."""
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        it = int(r["iteration"])
+        if (it % log_every == 0 or it == iterations) and (through is None or it <= through):
+            mlflow.log_metrics({"train_loss": float(r["loss"]), "lr": float(r["lr"])}, step=it)
+    return rows
 
 
 def train(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*, model.*, train.*); must "
@@ -42,18 +55,15 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
             final_loss = None
         elif t.nproc_per_node * t.nnodes > 1:
             torchrun("stages.train", sys.argv[1:], t.nproc_per_node, t.nnodes, t.rdzv_endpoint)
-            with open(log_csv, newline="") as f:
-                rows = list(csv.DictReader(f))
-            # The iterations one process logs (on_log below): every log_every-th and the last.
-            for r in rows:
-                if int(r["iteration"]) % t.log_every == 0 or int(r["iteration"]) == t.iterations:
-                    mlflow.log_metrics({"train_loss": float(r["loss"]), "lr": float(r["lr"])},
-                                       step=int(r["iteration"]))
+            rows = log_series(mlflow, log_csv, t.log_every, t.iterations)
             final_loss = float(rows[-1]["loss"]) if rows else float("nan")
         else:
             result = run_training(
                 p.dataset, p.model, t, train_list, init, out, checkpoint, log_csv,
                 on_log=lambda it, loss, lr: mlflow.log_metrics({"train_loss": loss, "lr": lr}, step=it))
+            if result.resumed_from:  # the interrupted run's iterations too, from the log the checkpoint carried
+                mlflow.set_tag("deeplab.resumed_from", result.resumed_from)
+                log_series(mlflow, log_csv, t.log_every, t.iterations, through=result.resumed_from)
             final_loss = result.final_loss
         if final_loss is not None:
             mlflow.log_metric("final_train_loss", final_loss)

@@ -288,6 +288,7 @@ SLOW_TESTS = {
     "test_distributed.py::test_torchrun_training_logs_the_last_iteration_to_mlflow": 15,
     "test_pipeline.py::test_logits_sharded_over_two_processes_match": 9,
     "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 24,
+    "test_train.py::test_train_stage_resumed_after_sigterm_logs_the_whole_loss_series": 25,
     "test_bench.py::test_bench_prints_one_json_line": 8,
     "test_init_stage.py": 6, "test_tracking.py": 5,  # each test of these modules
 }

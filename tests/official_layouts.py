@@ -56,10 +56,14 @@ class ArchiveServer:
                     self.end_headers()
                     return
                 start = 0
+                etag = f'"{hashlib.md5(data).hexdigest()}"'
+                if rng and self.headers.get("If-Range", etag) != etag:  # changed since: the whole file
+                    rng = None
                 if rng:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
                         self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
@@ -68,6 +72,7 @@ class ArchiveServer:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                self.send_header("ETag", etag)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()

@@ -11,9 +11,19 @@ from PIL import Image
 from deeplab.config import DatasetConfig
 from deeplab.data import DataError, read_image, read_label, read_list
 from deeplab.datasets import DATASETS, check_layout, class_names, read_mat_label, split_items
-from deeplab.download import SOURCES, Archive, DownloadError, download, extract, fetch, fetch_dataset
+from deeplab.download import (
+    SOURCES,
+    Archive,
+    DownloadError,
+    archive_problem,
+    download,
+    extract,
+    fetch,
+    fetch_dataset,
+)
 from tests.official_layouts import (
     ArchiveServer,
+    _tar,
     cocostuff10k_archive,
     cocostuff164k_archives,
     mat_bytes,
@@ -58,6 +68,19 @@ def test_resume_of_a_partial_file_left_by_an_earlier_run(server, tmp_path):
     assert (tmp_path / "f.bin").read_bytes() == data and server.log == [("f.bin", "bytes=4000-")]
 
 
+def test_a_partial_file_of_a_file_changed_since_is_not_spliced(server, tmp_path):
+    """Resumed with If-Range and the version the partial file came from: a file changed on the server since
+    comes whole (the tail of the new file was appended to the head of the old one)."""
+    old, new = b"o" * 300_000, b"n" * 300_000
+    server.files["f.bin"], server.drop_after["f.bin"] = old, 200_000
+    with pytest.raises(DownloadError, match="giving up after 1 attempts"):
+        fetch(f"{server.url}/f.bin", tmp_path / "f.bin", retries=0)
+    assert 0 < (tmp_path / "f.bin.part").stat().st_size < len(old)
+    server.files["f.bin"] = new
+    assert fetch(f"{server.url}/f.bin", tmp_path / "f.bin").read_bytes() == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
 def test_transient_errors_retried_then_clear_failure(server, tmp_path):
     server.files["f.bin"] = b"abc"
     server.fail["f.bin"] = 2
@@ -91,6 +114,65 @@ def test_hash_recorded_on_first_download_is_enforced(server, tmp_path):
     with pytest.raises(DownloadError, match=r"^n.zip: sha256 mismatch: expected [0-9a-f]{64}, got [0-9a-f]{64}"):
         download(archive, tmp_path, server.url)
     assert not (tmp_path / "n.zip").exists()
+
+
+def test_a_partial_file_longer_than_the_file_is_downloaded_again(server, tmp_path):
+    """A partial file of another, longer version: the server's 416 gives the file's size, which is not the partial
+    file's, so the partial file is not the complete download."""
+    server.files["f.bin"] = b"abc"
+    (tmp_path / "f.bin.part").write_bytes(b"abcdefgh")
+    assert fetch(f"{server.url}/f.bin", tmp_path / "f.bin", backoff=0.01).read_bytes() == b"abc"
+    assert server.log == [("f.bin", "bytes=8-"), ("f.bin", None)]
+
+
+def test_an_error_page_served_as_the_archive_is_refused_and_never_recorded(server, tmp_path):
+    """A server answering 200 with a web page for a missing archive (nothing published for it): the page must
+    not be kept or pinned by recorded.json, or the real archive would be refused as a hash mismatch for good."""
+    files = cocostuff10k_archive(2, 1)
+    name = "cocostuff-10k-v1.1.zip"
+    server.files[name] = b"<!DOCTYPE html>\n<html><body>Sorry, this page does not exist</body></html>"
+    cfg = DatasetConfig(name="cocostuff10k", base_url=server.url, n_classes=182, val_split="test")
+    with pytest.raises(DownloadError, match=rf"^{name}: not a zip or tar archive but a web page .*\(from http"):
+        fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    assert list((tmp_path / "downloads").iterdir()) == [] and not (tmp_path / "raw").exists()
+    server.files[name] = files[name]
+    root = fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
+    assert len(split_items(cfg, root, "train")) == 2
+
+
+def _damaged_zip():
+    data = bytearray(_zip_with("ok/other.txt"))
+    at = data.index(b"fine")
+    data[at:at + 4] = b"FINE"  # member data no longer matches its CRC; the central directory is intact
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["crc", "truncated tar", "truncated zip"])
+def test_a_damaged_archive_is_refused_before_its_hash_is_recorded(server, tmp_path, kind):
+    tar = _tar({"a/b.bin": bytes(5000)})
+    data = {"crc": _damaged_zip(), "truncated tar": tar[:2048], "truncated zip": _zip_with("x")[:-30]}[kind]
+    server.files["d.zip"] = data
+    with pytest.raises(DownloadError, match=r"^d.zip: (damaged archive|neither a zip nor a tar).*\(from http"):
+        download(Archive("http://example.invalid/d.zip"), tmp_path, server.url, check=archive_problem)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extract_names_a_damaged_archive(tmp_path):
+    (tmp_path / "d.zip").write_bytes(_damaged_zip())
+    with pytest.raises(DownloadError, match=r"d.zip: damaged archive \(Bad CRC-32.*delete it, and its entry in "
+                                            r".*recorded.json"):
+        extract(tmp_path / "d.zip", tmp_path / "out")
+
+
+def test_a_damaged_earlier_download_is_named_with_what_to_do(server, tmp_path):
+    server.files["a.bin"] = b"payload"
+    archive = Archive("http://example.invalid/a.bin", md5=md5(b"payload"))
+    download(archive, tmp_path, server.url)
+    (tmp_path / "a.bin").write_bytes(b"paylo")
+    with pytest.raises(DownloadError, match=r"a.bin \(downloaded earlier\): md5 mismatch: expected [0-9a-f]{32}, got "
+                                            r"[0-9a-f]{32}; delete it to download it again$"):
+        download(archive, tmp_path, server.url)
+    assert len(server.log) == 1  # nothing fetched again
 
 
 def _zip_with(name):
@@ -171,6 +253,25 @@ def test_failed_download_leaves_no_output(server, tmp_path):
         fetch_dataset(cfg, tmp_path / "raw", tmp_path / "downloads")
     assert not (tmp_path / "raw").exists()
     assert [p.name for p in (tmp_path / "downloads").iterdir()] == []
+
+
+def test_an_archive_of_another_layout_is_named_and_its_files_removed(server, tmp_path):
+    """A mirror's archive that holds the dataset under a top-level folder of another name: the error says what
+    the archive holds, and the extracted files do not stay beside data/raw (or in an empty dataset.root)."""
+    name = "cocostuff-10k-v1.1.zip"
+    official = zipfile.ZipFile(io.BytesIO(cocostuff10k_archive(2, 1)[name]))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for info in official.infolist():
+            z.writestr(f"cocostuff-10k/{info.filename}", official.read(info))
+    server.files[name] = buf.getvalue()
+    cfg = DatasetConfig(name="cocostuff10k", base_url=server.url, n_classes=182, val_split="test")
+    for root in (None, tmp_path / "outside"):
+        with pytest.raises(DataError, match=rf"^cocostuff10k: the extracted archives \({name}\) lack images "
+                                            r"\(folder\).*; their top level holds cocostuff-10k/ \(a mirror"):
+            fetch_dataset(cfg.model_copy(update={"root": root and str(root)}), tmp_path / "raw", tmp_path / "dl")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"] + ["outside"] * (root is not None)
+        assert root is None or list(root.iterdir()) == []
 
 
 def test_cocostuff10k_labels(server, tmp_path):

@@ -1,14 +1,16 @@
 """The init stage: caffemodel downloaded from loopback and converted, a local caffemodel, a checkpoint."""
 
+import ast
 import io
 import zipfile
+from pathlib import Path
 
 import torch
 import yaml
 
 from deeplab.caffe import write_caffemodel
 from deeplab.models import build_model, read_state_dict
-from tests.conftest import NO_TRACKING, make_project, run_stages, sh, tiny_params
+from tests.conftest import NO_TRACKING, REPO, make_project, run_stages, sh, tiny_params
 from tests.official_layouts import ArchiveServer, md5
 from tests.test_caffe import small_layers
 
@@ -228,3 +230,30 @@ def test_a_checkpoint_is_scored_only_on_the_input_it_was_trained_on(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
     assert (root / "data/models/init.pt").is_file()
+
+
+# Modules that move, check or log files and settings without computing the weights (the downloader fetches files
+# named by their checksums).
+PLUMBING = {"config", "files", "stage", "tracking", "download"}
+
+
+def _deeplab_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("deeplab"):
+            found |= {node.module.removeprefix("deeplab.")} if node.module != "deeplab" else {
+                a.name for a in node.names}
+    return found - PLUMBING
+
+
+def test_init_stage_lists_the_code_that_computes_its_weights():
+    """Every deeplab module the init stage computes init.pt with (BatchNorm calibration reads training crops
+    through loader and data) is a dependency in dvc.yaml: an edit to one reruns init, not only train."""
+    todo, seen = _deeplab_imports(REPO / "stages/init.py"), set()
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        todo |= _deeplab_imports(REPO / f"deeplab/{module}.py") - seen
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["init"]["deps"]
+    assert {"loader", "data", "models"} <= seen
+    assert sorted(f"deeplab/{m}.py" for m in seen if f"deeplab/{m}.py" not in deps) == []

@@ -1,3 +1,4 @@
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -66,6 +67,23 @@ def test_multi_scale_loss_by_hand():
     assert F.cross_entropy(full, labels, ignore_index=255).item() == pytest.approx(expected - math.log(2), rel=1e-6)
 
 
+def test_an_output_with_every_label_ignored_adds_nothing_and_trains_on():
+    """A crop of unlabelled pixels: cross_entropy's mean over no pixel is NaN, which stopped training as a
+    diverged loss (at the same batch on every resume). That output adds 0 and no gradient; others are exact."""
+    torch.manual_seed(0)
+    labels = torch.full((1, 4, 4), 255)
+    labels[0, 0, 0] = 1  # one labelled pixel: lost when shrunk to 1x1 (nearest takes pixel (2, 2))
+    full = torch.randn(1, 3, 4, 4, requires_grad=True)
+    small = torch.randn(1, 3, 1, 1, requires_grad=True)
+    loss = multi_scale_loss([full, small], labels)
+    assert torch.equal(loss, F.cross_entropy(full, labels, ignore_index=255))
+    loss.backward()
+    assert torch.isfinite(full.grad).all() and torch.equal(small.grad, torch.zeros_like(small))
+    valid = torch.randint(0, 3, (1, 4, 4))  # nothing ignored: the plain sum, bit for bit
+    assert torch.equal(multi_scale_loss([full, small], valid),
+                       F.cross_entropy(full, valid) + F.cross_entropy(small, resize_labels(valid, (1, 1))))
+
+
 @pytest.fixture
 def tiny_setup(tmp_path):
     from deeplab import synthetic
@@ -120,6 +138,66 @@ def test_resume_reproduces_uninterrupted_run(tiny_setup):
     res = train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
                 on_log=lambda it, loss, lr: seen.append(it))
     assert res.resumed_from == 2 and seen == [3, 4, 5]
+    a, b = read_state_dict(tmp / "a.pt"), read_state_dict(tmp / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
+
+
+def test_resume_of_v3plus_with_trained_bn_and_dropout_reproduces_uninterrupted_run(tmp_path):
+    """v3+ trains BatchNorm and draws dropout masks from torch's RNG: the resumed run must continue that stream
+    (the checkpoint holds it), not restart it from train.seed, to end with the uninterrupted run's weights."""
+    from deeplab import synthetic
+    from deeplab.data import voc_layout_items
+
+    synthetic.generate(tmp_path / "raw", 6, 1, 48, 48, 4, seed=1)
+    write_list(tmp_path / "train.txt", voc_layout_items(tmp_path / "raw", "train"))
+    d = DatasetConfig(n_classes=4)
+    m = ModelConfig(n_blocks=(1, 1, 1, 1), width=8, arch="deeplabv3plus", output_stride=16, atrous_rates=None)
+    model = build_model(4, m.n_blocks, m.width, m.atrous_rates, m.scales, m.arch, m.output_stride)
+    init_from_scratch(model, 0)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    t = TrainConfig(iterations=4, batch_size=2, iter_size=2, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True, freeze_bn=False, device="cpu")
+    args = (d, m, t, tmp_path / "train.txt", tmp_path / "init.pt")
+    train(*args, tmp_path / "a.pt", tmp_path / "a_ck.pt", tmp_path / "a.csv")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(it, loss, lr):
+        if it == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv", on_log=crash_at_3)
+    assert train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv").resumed_from == 2
+    a, b = read_state_dict(tmp_path / "a.pt"), read_state_dict(tmp_path / "b.pt")
+    assert any(k.endswith("running_mean") for k in a)  # trained BN buffers are compared too
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_resume_with_other_checkpoint_and_log_intervals_continues_the_run(tiny_setup):
+    """After a crash, checkpointing or logging more often changes no weight: the checkpoint is resumed (it was
+    ignored as 'written for other params', and training started over), with the uninterrupted run's result."""
+    tmp, d, m = tiny_setup
+    t = TrainConfig(iterations=5, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
+                    deterministic=True)
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(it, loss, lr):
+        if it == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
+              on_log=crash_at_3)
+    often = t.model_copy(update={"checkpoint_every": 1, "log_every": 2})
+    res = train(d, m, often, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv")
+    assert res.resumed_from == 2
     a, b = read_state_dict(tmp / "a.pt"), read_state_dict(tmp / "b.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
@@ -264,3 +342,63 @@ def test_training_applies_the_augmentation_options(tiny_setup):
               tmp / f"{name}_ck.pt", tmp / f"{name}.csv")
         weights[name] = read_state_dict(tmp / f"{name}.pt")["base.aspp.c0.weight"]
     assert not torch.equal(weights["v2"], weights["range"]) and not torch.equal(weights["v2"], weights["blur"])
+
+
+def test_train_stage_resumed_after_sigterm_logs_the_whole_loss_series(tmp_path):
+    """The MLflow run of a resumed train stage holds train_loss from iteration log_every on, as an uninterrupted
+    run's does (it held only the iterations after the checkpoint), and says where it resumed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import NO_TRACKING, make_project, run_env, run_stages, tiny_params
+
+    params = tiny_params(**{"train.iterations": 80, "train.checkpoint_every": 10, "train.log_every": 10})
+    root = make_project(tmp_path / "repo", params)
+    run_stages(root, "download", "prepare", "init", env=NO_TRACKING)
+    ck = root / "data/checkpoints/last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=run_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        with contextlib.suppress(Exception):  # the file may be replaced while it is read
+            if ck.exists() and torch.load(ck, weights_only=True)["iteration"] >= 20:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    resumed_at = torch.load(ck, weights_only=True)["iteration"]
+    assert 20 <= resumed_at < 80
+    res = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=run_env(root), capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("deeplab").experiment_id],
+                              "tags.`deeplab.stage` = 'train'", order_by=["attributes.start_time DESC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "KILLED"]
+    assert runs[0].data.tags["deeplab.resumed_from"] == str(resumed_at)
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(10, 81, 10))
+    logged = {int(line.split(",")[0]): float(line.split(",")[1])
+              for line in (root / "metrics/train_log.csv").read_text().splitlines()[1:]}
+    assert all(m.value == pytest.approx(logged[m.step], abs=1e-6) for m in history)
+
+
+def test_training_runs_on_over_a_label_with_every_pixel_ignored(tiny_setup):
+    tmp, d, m = tiny_setup
+    from deeplab.data import read_list
+
+    label = read_list(tmp / "train.txt")[0].label  # every image is drawn in the first 6 iterations
+    with Image.open(label) as im:
+        unlabelled = Image.fromarray(np.full((im.height, im.width), 255, np.uint8), mode="P")
+        unlabelled.putpalette(im.getpalette() or [])
+    unlabelled.save(label)
+    t = TrainConfig(iterations=6, batch_size=1, iter_size=1, crop_size=33, checkpoint_every=6, log_every=1,
+                    device="cpu")
+    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "final.pt", tmp / "ck.pt", tmp / "log.csv")
+    losses = [float(line.split(",")[1]) for line in (tmp / "log.csv").read_text().splitlines()[1:]]
+    assert 0.0 in losses and all(math.isfinite(v) for v in losses)
