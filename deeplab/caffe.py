@@ -632,6 +632,12 @@ def _fresh_aspp(shapes: dict[str, tuple[int, ...]], n_aspp: int) -> dict[str, to
     return head
 
 
+def fresh_head(log: Sequence[str]) -> str | None:
+    """The line of ``convert``'s log saying the ASPP head was initialised fresh (the file had none for the
+    class count), or None when it was copied."""
+    return next((line for line in log if line.startswith("ASPP head") and "fresh" in line), None)
+
+
 def convert_caffemodel(path: str | os.PathLike, out_path: str | os.PathLike, n_classes: int,
                        n_blocks: Sequence[int] = (3, 4, 23, 3), width: int = 64) -> list[str]:
     """Read ``path``, convert it (see ``convert``) and save the state dict to ``out_path`` (atomically).

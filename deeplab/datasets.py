@@ -387,12 +387,22 @@ def _id_glob(pattern: str, split: str, any_case: bool = False) -> tuple[str, re.
             re.compile(re.escape(before) + "(.+)" + re.escape(after), re.IGNORECASE if any_case else 0))
 
 
-def _glob_ids(root: Path, pattern: str, split: str, any_case: bool = False) -> dict[str, str]:
-    """The files under ``root`` that ``pattern`` matches (``_id_glob``), hidden ones skipped: path -> id."""
-    found, id_of = _id_glob(pattern, split, any_case)
-    return {rel: m.group(1) for p in root.glob(found)
-            if p.is_file() and (m := id_of.fullmatch(rel := p.relative_to(root).as_posix()))
-            and not m.group(1).startswith(".")}
+def _glob_ids(root: Path, pattern: str, split: str) -> tuple[dict[str, str], list[str]]:
+    """The files under ``root`` that ``pattern`` matches (``_id_glob``), hidden ones skipped: path -> id; and,
+    from the same walk, those that match it but for the case of letters."""
+    found, any_case = _id_glob(pattern, split, any_case=True)
+    _, exact = _id_glob(pattern, split)
+    matched: dict[str, str] = {}
+    other_case: list[str] = []
+    for p in root.glob(found):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or not (m := any_case.fullmatch(rel)) or m.group(1).startswith("."):
+            continue
+        if m := exact.fullmatch(rel):
+            matched[rel] = m.group(1)
+        else:
+            other_case.append(rel)
+    return matched, sorted(other_case)
 
 
 def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
@@ -423,16 +433,15 @@ def _custom_items(cfg: DatasetConfig, root: Path, split: str) -> list[Item]:
                 raise DataError(f"{listing}:{n}: expected {want}, got {len(parts)} columns")
     else:
         assert paths is not None and c.images is not None  # the config requires patterns without a split list
-        matched = _glob_ids(root, c.images, split)
-        if not matched:
-            raise DataError(f"{cfg.name} split {split!r}: no files match dataset.custom.images {c.images!r} "
-                            f"({_id_glob(c.images, split)[0]} under {root})")
+        matched, other_case = _glob_ids(root, c.images, split)
         # Files that differ from the pattern in case alone (IMG_1.JPG for {id}.jpg) would be left out silently.
-        other_case = sorted(set(_glob_ids(root, c.images, split, any_case=True)) - set(matched))
         if other_case:
             raise DataError(f"{root / other_case[0]}: matches dataset.custom.images {c.images!r} of split {split!r} "
                             f"but for the case of letters ({len(other_case)} such files, which would be left out): "
                             "rename them to the pattern's case")
+        if not matched:
+            raise DataError(f"{cfg.name} split {split!r}: no files match dataset.custom.images {c.images!r} "
+                            f"({_id_glob(c.images, split)[0]} under {root})")
         # Labels beside the images, of the same type ({id}.png and {id}_mask.png): the images pattern matches
         # the label files too; a file that is the label of a matched id is no image of its own.
         _, label_id = _id_glob(c.labels, split)

@@ -120,7 +120,7 @@ def read_weights(path: Path, p: Params) -> tuple[dict[str, torch.Tensor], dict |
     which must then hold an ASPP head for ``dataset.n_classes`` classes."""
     if path.suffix.lower() != ".caffemodel":
         return read_weights_file(path)
-    from deeplab.caffe import CaffeError, convert, read_caffemodel
+    from deeplab.caffe import CaffeError, convert, fresh_head, read_caffemodel
 
     try:
         layers = read_caffemodel(path)
@@ -130,9 +130,9 @@ def read_weights(path: Path, p: Params) -> tuple[dict[str, torch.Tensor], dict |
         state, log = convert(layers, p.dataset.n_classes, p.model.n_blocks, p.model.width)
     except CaffeError as e:
         raise ValueError(f"{path}: {e}") from None
-    fresh = [line for line in log if line.startswith("ASPP head") and "fresh" in line]
+    fresh = fresh_head(log)
     if fresh:
-        raise ValueError(f"{path}: {fresh[0].split(':')[0]}: no trained classifier for "
+        raise ValueError(f"{path}: {fresh.split(':')[0]}: no trained classifier for "
                          f"{p.dataset.n_classes} classes (set the class count with --n-classes or --params)")
     return state, None
 

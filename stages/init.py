@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from deeplab.caffe import convert_caffemodel
+from deeplab.caffe import convert_caffemodel, fresh_head
 from deeplab.config import load_params
 from deeplab.download import fetch_caffemodel, fetch_released
 from deeplab.files import file_hash, save_torch
@@ -127,7 +127,7 @@ def init(params: Annotated[Path, typer.Option(help="Params file to read (dataset
             lines = convert_caffemodel(path, out, p.dataset.n_classes, m.n_blocks, m.width)
             for line in lines:
                 log.info("%s", line)
-            if any(line.startswith("ASPP head") and "fresh" in line for line in lines):
+            if fresh_head(lines):
                 try:
                     untrained_head(f"init caffemodel {path}", p.dataset.n_classes, p.train.iterations)
                 except ValueError:
