@@ -117,22 +117,27 @@ def test_bn_frozen_after_steps_and_log_written(tiny_setup):
     assert rows[0] == "iteration,loss,lr" and len(rows) == 4
 
 
+class Crash(Exception):
+    """Raised by ``crash_at``'s callback: a training run stopped part-way, as by a crash."""
+
+
+def crash_at(stop: int):
+    """An ``on_log`` callback that stops training at iteration ``stop`` (its last checkpoint kept)."""
+    def on_log(it, loss, lr):
+        if it == stop:
+            raise Crash
+    return on_log
+
+
 def test_resume_reproduces_uninterrupted_run(tiny_setup):
     tmp, d, m = tiny_setup
     t = TrainConfig(iterations=5, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
                     deterministic=True)
     train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(it, loss, lr):
-        if it == 3:
-            raise Crash
-
     with pytest.raises(Crash):
         train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
-              on_log=crash_at_3)
+              on_log=crash_at(3))
     assert torch.load(tmp / "b_ck.pt")["iteration"] == 2 and not (tmp / "b.pt").exists()
     seen = []
     res = train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
@@ -161,15 +166,8 @@ def test_resume_of_v3plus_with_trained_bn_and_dropout_reproduces_uninterrupted_r
     args = (d, m, t, tmp_path / "train.txt", tmp_path / "init.pt")
     train(*args, tmp_path / "a.pt", tmp_path / "a_ck.pt", tmp_path / "a.csv")
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(it, loss, lr):
-        if it == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv", on_log=crash_at_3)
+        train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv", on_log=crash_at(3))
     assert train(*args, tmp_path / "b.pt", tmp_path / "b_ck.pt", tmp_path / "b.csv").resumed_from == 2
     a, b = read_state_dict(tmp_path / "a.pt"), read_state_dict(tmp_path / "b.pt")
     assert any(k.endswith("running_mean") for k in a)  # trained BN buffers are compared too
@@ -185,16 +183,9 @@ def test_resume_with_other_checkpoint_and_log_intervals_continues_the_run(tiny_s
                     deterministic=True)
     train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(it, loss, lr):
-        if it == 3:
-            raise Crash
-
     with pytest.raises(Crash):
         train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
-              on_log=crash_at_3)
+              on_log=crash_at(3))
     often = t.model_copy(update={"checkpoint_every": 1, "log_every": 2})
     res = train(d, m, often, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv")
     assert res.resumed_from == 2
