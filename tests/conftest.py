@@ -281,8 +281,6 @@ SLOW_TESTS = {
     "test_crf.py::test_dask_cluster_gives_the_loky_labels": 20,
     "test_deeplabv3.py::test_whole_tiny_pipeline_runs_with_v3_archs": 15,
     "test_distributed.py::test_kill_9_then_resume_matches_uninterrupted": 23,
-    "test_init_stage.py::test_weights_without_a_head_for_the_classes_are_not_scored_untrained": 20,
-    "test_init_stage.py::test_a_checkpoint_is_scored_only_on_the_input_it_was_trained_on": 13,
     "test_released.py::test_scoring_the_train_val_caffemodel_on_voc_val_warns": 12,
     "test_datasets_pipeline.py::test_pipeline_on_fixture_dataset": 12,
     "test_pipeline.py::test_exp_run_temp_logs_into_main_store": 11,

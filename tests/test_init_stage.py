@@ -5,8 +5,10 @@ import io
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from typer.testing import CliRunner, Result
 
 from deeplab.caffe import write_caffemodel
 from deeplab.models import build_model, read_state_dict
@@ -23,6 +25,25 @@ def caffemodel_zip(tmp_path, n_classes):
         z.writestr("prototxt_and_model/deploy.prototxt", "name: 'deeplab'")
         z.write(tmp_path / "init.caffemodel", "prototxt_and_model/init.caffemodel")
     return buf.getvalue(), layers
+
+
+def init_here(root: Path, params: dict, monkeypatch: pytest.MonkeyPatch) -> Result:
+    """The init stage's command on ``params`` in ``root``, in this process and untracked: for tests of its
+    errors and exit status, where neither DVC nor MLflow is under test (saves a Python and torch start a run)."""
+    from stages.init import app
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DEEPLAB_TRACKING", "off")
+    return CliRunner().invoke(app, [])
+
+
+def refused(res: Result) -> str:
+    """The stderr of an init run that stopped with exit status 1 on an expected error (no traceback: any other
+    exception would be ``res.exception``)."""
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit | None), (res.exception, res.output)
+    return res.stderr
 
 
 def test_init_downloads_and_converts_caffemodel(tmp_path):
@@ -179,7 +200,7 @@ def test_torchvision_weights_of_another_depth_are_refused_before_a_run(tmp_path)
     assert not (root / "mlflow.db").exists() and not (root / "data/models/init.pt").exists()
 
 
-def test_weights_without_a_head_for_the_classes_are_not_scored_untrained(tmp_path):
+def test_weights_without_a_head_for_the_classes_are_not_scored_untrained(tmp_path, monkeypatch):
     """train.iterations 0 scores the initial weights as they are: weights whose head is for another class
     count (or torchvision's, which hold none) started a fresh head that was then scored untrained, at chance,
     as if it were the weights' result. Refused naming the file, with nothing written; training them still runs."""
@@ -196,19 +217,18 @@ def test_weights_without_a_head_for_the_classes_are_not_scored_untrained(tmp_pat
         params = tiny_params(**model)
         params["init"].update(init)
         params["train"]["iterations"] = 0
-        root = make_project(tmp_path / f"repo{n}", params)
-        res = sh(root, "python", "-m", "stages.init", check=False, env=NO_TRACKING)
-        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        root = tmp_path / f"repo{n}"
         assert (f"error: {what}: holds no head for dataset.n_classes 6, so it would start fresh, and "
-                "train.iterations is 0: the untrained head would be scored") in res.stderr
+                "train.iterations is 0: the untrained head would be scored") in refused(
+                    init_here(root, params, monkeypatch))
         assert not (root / "data/models/init.pt").exists()
     params["train"]["iterations"] = 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
+    res = init_here(root, params, monkeypatch)
+    assert res.exit_code == 0, res.output
     assert (root / "data/models/init.pt").is_file()
 
 
-def test_a_checkpoint_is_scored_only_on_the_input_it_was_trained_on(tmp_path):
+def test_a_checkpoint_is_scored_only_on_the_input_it_was_trained_on(tmp_path, monkeypatch):
     """train.iterations 0 with a final.pt trained on other input (dataset.mean_bgr, dataset.normalization):
     train wrote the params' input into final.pt and everything after fed the network that way, a low score
     with no more than a warning in the init log. Refused; fine-tuning (iterations > 0) still only warns."""
@@ -219,16 +239,15 @@ def test_a_checkpoint_is_scored_only_on_the_input_it_was_trained_on(tmp_path):
     params["dataset"]["normalization"] = "imagenet"
     params["init"].update(source="checkpoint", path=str(trained))
     params["train"]["iterations"] = 0
-    root = make_project(tmp_path / "repo", params, mlflow_store=False)
-    res = sh(root, "python", "-m", "stages.init", check=False, env=NO_TRACKING)
-    assert res.returncode == 1 and "Traceback" not in res.stderr
+    root = tmp_path / "repo"
     assert (f"error: init.path: {trained}: train.iterations is 0, but the checkpoint was trained on other input: "
             "dataset.normalization is imagenet in the params, caffe in the file; dataset.mean_bgr is "
-            "[104.008, 116.669, 122.675] in the params, [100.0, 110.0, 120.0] in the file") in res.stderr
+            "[104.008, 116.669, 122.675] in the params, [100.0, 110.0, 120.0] in the file") in refused(
+                init_here(root, params, monkeypatch))
     assert not (root / "data/models/init.pt").exists()
     params["dataset"].update(normalization="caffe", mean_bgr=[100, 110, 120])
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    sh(root, "python", "-m", "stages.init", env=NO_TRACKING)
+    res = init_here(root, params, monkeypatch)
+    assert res.exit_code == 0, res.output
     assert (root / "data/models/init.pt").is_file()
 
 
