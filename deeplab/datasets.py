@@ -543,15 +543,21 @@ def check_layout(cfg: DatasetConfig, root: Path) -> None:
         # E.g. a clone of a repo whose dataset.root is outside it: DVC pulls outputs, not the folder.
         hint = " (`dvc repro -f download` downloads the dataset into it)" if DATASETS[cfg.name].archives else ""
         raise DataError(f"dataset.root {root}: folder not found{hint}")
+    missing = layout_missing(cfg, root)
+    if missing:
+        raise DataError(f"{cfg.name} dataset at {root} is incomplete: missing {missing}")
+
+
+def layout_missing(cfg: DatasetConfig, root: Path) -> str | None:
+    """The expected folders and split lists missing under the folder ``root`` ("VOC2012/JPEGImages (folder),
+    ..."), or None."""
     layout = DATASETS[cfg.name].layout
     splits = dict.fromkeys((cfg.train_split, cfg.val_split))
     need = [n for n in layout if "{split}" not in n] + [n.format(split=s) for s in splits for n in layout
                                                           if "{split}" in n]
     missing = [n for n in dict.fromkeys(need)
                if not ((root / n).is_dir() if n.endswith("/") else (root / n).is_file())]
-    if missing:
-        kinds = ", ".join(f"{n.rstrip('/')} ({'folder' if n.endswith('/') else 'file'})" for n in missing)
-        raise DataError(f"{cfg.name} dataset at {root} is incomplete: missing {kinds}")
+    return ", ".join(f"{n.rstrip('/')} ({'folder' if n.endswith('/') else 'file'})" for n in missing) or None
 
 
 def finish_layout(cfg: DatasetConfig, root: Path) -> None:

@@ -61,14 +61,15 @@ def published(archive: Archive) -> dict[str, object]:
     return {k: v for k, v in (("size", archive.size), ("md5", archive.md5), ("sha1", archive.sha1)) if v is not None}
 
 
-def verify(path: Path, url: str, expected: dict[str, object], name: str | None = None) -> dict[str, object]:
-    """Check ``path`` against every expected value (size, md5, sha1, sha256); raise with expected and actual
-    values on a mismatch. Returns what was measured (size, sha256), to record where nothing was published."""
+def verify(path: Path, expected: dict[str, object], name: str, after: str) -> dict[str, object]:
+    """Check ``path`` against every expected value (size, md5, sha1, sha256); raise naming ``name``, with expected
+    and actual values on a mismatch, then ``after`` (where the file came from, or what to do). Returns what was
+    measured (size, sha256), to record where nothing was published."""
     seen: dict[str, object] = {"size": path.stat().st_size, "sha256": file_hash(path, "sha256")}
     for key, want in expected.items():
         got = seen[key] if key in seen else file_hash(path, key)
         if got != want:
-            raise DownloadError(f"{name or path.name}: {key} mismatch: expected {want}, got {got} (from {url})")
+            raise DownloadError(f"{name}: {key} mismatch: expected {want}, got {got}{after}")
     return seen
 
 
@@ -135,8 +136,9 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
              check: Callable[[Path], str | None] | None = None) -> Path:
     """The verified archive in ``downloads``, fetched if absent. ``checksums`` replace the published values
     (a mirror's own archive). ``check`` says what is wrong with a fetched file (e.g. ``archive_problem``), or
-    None; it runs before the file is kept and its size and hash recorded, so an error page a server answered
-    with is never pinned as the file. A file that fails verification or the check is removed."""
+    None; it runs where nothing is published or recorded, before the file is kept and its size and hash
+    recorded, so an error page a server answered with is never pinned as the file. A file that fails
+    verification or the check is removed."""
     url = f"{base_url.rstrip('/')}/{archive.filename}" if base_url else archive.url
     dest = downloads / archive.filename
     record_file = downloads / "recorded.json"
@@ -147,8 +149,10 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
         # Verify under the temporary name, so a bad file never appears under the real one.
         tmp = fetch(url, dest.with_name(dest.name + ".unverified"), desc=archive.filename)
         try:
-            seen = verify(tmp, url, expected, archive.filename)
-            problem = check(tmp) if check is not None else None
+            seen = verify(tmp, expected, archive.filename, f" (from {url})")
+            # Only a file whose values are about to be recorded needs reading back: a published or recorded
+            # checksum that matched already says it is the file (and COCO's 18 GB zip is not read twice).
+            problem = check(tmp) if check is not None and not expected else None
             if problem:
                 raise DownloadError(f"{archive.filename}: {problem} (from {url})")
         except DownloadError:
@@ -156,11 +160,8 @@ def download(archive: Archive, downloads: Path, base_url: str | None = None,
             raise
         os.replace(tmp, dest)
     else:
-        try:
-            seen = verify(dest, url, expected)
-        except DownloadError as e:  # damaged on disk, or replaced by hand: it stays (it may be the user's)
-            raise DownloadError(f"{dest} (downloaded earlier){str(e).removeprefix(dest.name).split(' (from ')[0]}; "
-                                "delete it to download it again") from None
+        # A file damaged on disk, or replaced by hand, stays (it may be the user's): the error says what to do.
+        seen = verify(dest, expected, f"{dest} (downloaded earlier)", "; delete it to download it again")
     if archive.filename not in recorded:
         recorded[archive.filename] = seen
         write_json(record_file, recorded)
@@ -287,7 +288,7 @@ def _download_into(cfg: DatasetConfig, target: Path, downloads: Path) -> None:
     ``target/.deeplab-partial`` first, whose entries move into ``target`` once the layout checks out (a rename
     on one filesystem, and ``target`` may be a mount point)."""
     from deeplab.data import DataError
-    from deeplab.datasets import DATASETS, check_layout, finish_layout
+    from deeplab.datasets import DATASETS, finish_layout, layout_missing
 
     tmp = target / _PARTIAL
     shutil.rmtree(tmp, ignore_errors=True)
@@ -298,13 +299,12 @@ def _download_into(cfg: DatasetConfig, target: Path, downloads: Path) -> None:
             log.info("extracting %s", path.name)
             extract(path, tmp / archive.into)
         finish_layout(cfg, tmp)
-        try:
-            check_layout(cfg, tmp)
-        except DataError as e:  # e.g. a mirror's archive that holds the layout under a folder of another name
+        missing = layout_missing(cfg, tmp)
+        if missing:  # e.g. a mirror's archive that holds the layout under a folder of another name
             held = ", ".join(sorted(p.name + "/" * p.is_dir() for p in tmp.iterdir())) or "nothing"
             mirror = " (a mirror's archives must unpack as the official ones)" if cfg.base_url else ""
             raise DataError(f"{cfg.name}: the extracted archives ({', '.join(a.filename for a in archives)}) "
-                            f"lack {str(e).partition(': missing ')[2]}; their top level holds {held}{mirror}") from None
+                            f"lack {missing}; their top level holds {held}{mirror}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
