@@ -103,13 +103,14 @@ def read_label(path: str | Path, data: bytes | None = None) -> np.ndarray:
         raise DataError(f"{path}: cannot read label ({e})") from None
 
 
-def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE,
-                       lut: np.ndarray | None = None) -> str | None:
+def label_values_error(label: np.ndarray, n_classes: int, ignore: int = IGNORE, lut: np.ndarray | None = None,
+                       counts: np.ndarray | None = None) -> str | None:
     """What is wrong with a label map whose values are neither a class (0..n_classes-1) nor ``ignore``, or None.
     Such values would otherwise drop silently out of the confusion matrix or crash the loss. With ``lut`` (file
     value -> label value, 256 entries; 256 + v: class index v, out of range even where v is ``ignore``) the file
-    values are judged by what they map to."""
-    counts = np.bincount(label.ravel(), minlength=256)
+    values are judged by what they map to. ``counts``: ``label``'s value counts (``np.bincount``, minlength 256),
+    where the caller has them already."""
+    counts = np.bincount(label.ravel(), minlength=256) if counts is None else counts.copy()
     if lut is None:
         counts[:n_classes] = 0
         counts[ignore] = 0

@@ -623,11 +623,12 @@ def check_pair(item: Item, n_classes: int, ignore: int, lut: np.ndarray | None =
         label = read_label(item.label, data)
     except DataError as e:
         return str(e), digests, ()
-    values = tuple(int(v) for v in np.flatnonzero(np.bincount(label.ravel(), minlength=256)))
+    counts = np.bincount(label.ravel(), minlength=256)  # one count serves the values and their check
+    values = tuple(int(v) for v in np.flatnonzero(counts))
     if label.shape != (h, w):
         return (f"{item.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size {w}x{h}",
                 digests, values)
-    problem = label_values_error(label, n_classes, ignore, lut)
+    problem = label_values_error(label, n_classes, ignore, lut, counts)
     return (f"{item.label}: {problem}" if problem else None), digests, values
 
 
