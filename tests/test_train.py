@@ -129,15 +129,21 @@ def crash_at(stop: int):
     return on_log
 
 
-def test_resume_reproduces_uninterrupted_run(tiny_setup):
-    tmp, d, m = tiny_setup
+def uninterrupted_and_crashed(tmp: Path, d: DatasetConfig, m: ModelConfig) -> TrainConfig:
+    """A 5-iteration run to a.pt, and the same run to b.pt stopped at iteration 3 (its checkpoint at 2 kept);
+    returns their TrainConfig."""
     t = TrainConfig(iterations=5, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
                     deterministic=True)
     train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
-
     with pytest.raises(Crash):
         train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
               on_log=crash_at(3))
+    return t
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_setup):
+    tmp, d, m = tiny_setup
+    t = uninterrupted_and_crashed(tmp, d, m)
     assert torch.load(tmp / "b_ck.pt")["iteration"] == 2 and not (tmp / "b.pt").exists()
     seen = []
     res = train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
@@ -179,13 +185,7 @@ def test_resume_with_other_checkpoint_and_log_intervals_continues_the_run(tiny_s
     """After a crash, checkpointing or logging more often changes no weight: the checkpoint is resumed (it was
     ignored as 'written for other params', and training started over), with the uninterrupted run's result."""
     tmp, d, m = tiny_setup
-    t = TrainConfig(iterations=5, batch_size=2, iter_size=1, crop_size=33, checkpoint_every=2, log_every=1,
-                    deterministic=True)
-    train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "a.pt", tmp / "a_ck.pt", tmp / "a.csv")
-
-    with pytest.raises(Crash):
-        train(d, m, t, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv",
-              on_log=crash_at(3))
+    t = uninterrupted_and_crashed(tmp, d, m)
     often = t.model_copy(update={"checkpoint_every": 1, "log_every": 2})
     res = train(d, m, often, tmp / "train.txt", tmp / "init.pt", tmp / "b.pt", tmp / "b_ck.pt", tmp / "b.csv")
     assert res.resumed_from == 2
