@@ -14,7 +14,9 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -239,13 +241,14 @@ class StageRun:
     """The open MLflow run of one stage: the logging calls the stages make (named as mlflow's fluent ones), on
     this run, and ``log_results`` / ``log_dataset`` that also go to the pipeline's parent run."""
 
-    def __init__(self, c: Any, run_id: str, parent_id: str) -> None:
-        self.client, self.run_id, self.parent_id = c, run_id, parent_id
+    def __init__(self, c: Any, run_id: str, parent_id: str, stage: str) -> None:
+        self.client, self.run_id, self.parent_id, self.stage = c, run_id, parent_id, stage
+        self.now: int | None = None  # when the stage made the call being logged (ms), None: now
 
     def _metrics(self, metrics: Mapping[str, float], step: int | None) -> list[Any]:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = self.now or _now()
         return [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -330,40 +333,27 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[StageRun]:
     the params the stage lists in dvc.yaml (all of them outside a DVC project), and the whole resolved config
     as an artifact. Yields the StageRun.
 
+    MLflow runs in a logger process of its own (``serve``): importing it and opening the store take ~3 s of CPU,
+    which there overlap the stage's work instead of delaying it; the stage's calls go to it in order, stamped
+    with the stage's clock, and the stage waits for it to finish before it ends. A tracking error fails the
+    stage (after its work, naming the error).
+
     The run ends FINISHED, FAILED on an exception, KILLED on SIGINT or SIGTERM (raised here as
     KeyboardInterrupt / Terminated); a failed or killed stage ends its parent the same way. A stage killed
-    outright (SIGKILL) is ended KILLED by the next stage run that starts on the same host."""
+    outright (SIGKILL) is ended KILLED by its logger, which outlives it (its own session: a signal to the stage's
+    process group does not reach it), or else by the next stage run that starts on the same host."""
     if os.environ.get("DEEPLAB_TRACKING") == "off":  # a machine without MLflow (bench/device.sh on a bare GPU)
         yield Untracked()  # type: ignore[misc]
         return
-    c = client()
-    exp_id = _experiment_id(c)
-    mark_dead_runs(c, exp_id)
-    commit = git_commit()
-    exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
-    key = f"{commit[:12]}-{exp_name}-{file_hash(params_file)[:12]}"
-    # mlflow.user / mlflow.source.*: what mlflow.start_run adds from its context providers (which import
-    # GitPython, 0.3 s), cheaply, for the runs table's User and Source columns.
-    tags = {"deeplab.pipeline": key, "git.commit": commit, "dvc.exp_name": exp_name,
-            "deeplab.params_file": str(params_file), "deeplab.dvc_process": _dvc_process(),
-            "mlflow.user": _user(), "mlflow.source.type": "LOCAL", "mlflow.source.name": sys.argv[0],
-            "mlflow.source.git.commit": commit}
-    resolved = params.model_dump(mode="json")
-    parent_id = _parent_run(c, exp_id, stage, tags, resolved)
-    process = {"deeplab.host": socket.gethostname(), "deeplab.pid": str(os.getpid()),
-               "deeplab.pid_start": process_start(os.getpid()) or "unknown"}
-    run_id = c.create_run(exp_id, run_name=stage, tags={
-        **tags, **process, "mlflow.parentRunId": parent_id, "deeplab.role": "stage", "deeplab.stage": stage,
-        "dvc.stage": os.environ.get("DVC_STAGE", stage)}).info.run_id
-    run = StageRun(c, run_id, parent_id)
+    run = RunLogger(stage, {"stage": stage, "params": params.model_dump(mode="json"), "params_file": str(params_file),
+                            "dvc_process": _dvc_process(), "pid": os.getpid(),
+                            "pid_start": process_start(os.getpid()) or "unknown", "source": sys.argv[0],
+                            "start_time": _now()})
     main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     status = "FAILED"
     try:
-        keys = dvc_stage_params(stage)
-        run.log_params(flatten(select(resolved, keys) if keys else resolved))
-        run.log_dict(resolved, "config/params.json")
-        yield run
+        yield run  # type: ignore[misc]
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
@@ -371,9 +361,119 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[StageRun]:
     finally:
         if main:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        c.set_terminated(run_id, status)
+        error = run.close(status)
+        if error and status == "FINISHED":  # a stage's own error wins: the logger's follows from it
+            raise RuntimeError(error)
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+class RunLogger:
+    """What a stage holds of its run: each StageRun call, sent to the logger process (``serve``) that makes it."""
+
+    def __init__(self, stage: str, opening: dict[str, Any]) -> None:
+        package = str(Path(__file__).resolve().parents[1])  # this deeplab, wherever the stage was started
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
+        self.stage, self.broken = stage, False
+        self.proc = subprocess.Popen([sys.executable, "-c", "from deeplab.tracking import serve; serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        self._send(opening)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or not callable(getattr(StageRun, name, None)):
+            raise AttributeError(f"a stage run has no {name!r}")
+        return lambda *args, **kwargs: self._send((name, args, kwargs, _now()))
+
+    def _send(self, message: Any) -> None:
+        data = pickle.dumps(message)
+        if self.broken:
+            return
+        held = threading.current_thread() is threading.main_thread()
+        if held:  # a signal's handler raising mid-write would leave half a message in the pipe
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the logger has ended (its error is on stderr): close() says so
+            self.broken = True
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def close(self, status: str) -> str | None:
+        """End the run with ``status``, wait for the logger; its failure as a message, else None."""
+        self._send(("end", (status,), {}, _now()))
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        code = self.proc.wait()
+        if code:
+            return f"MLflow tracking of stage {self.stage} failed (its logger exited with {code}; its error is above)"
+        return None
+
+
+def serve(stream: Any = None) -> None:
+    """The logger process of one stage run (started by stage_run, fed on stdin): opens the run, makes the
+    stage's calls in order, and ends the run as the stage says, or KILLED when the stage's end of the pipe
+    closes without a word (the stage was killed outright)."""
+    stream = stream or sys.stdin.buffer
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    opening = pickle.load(stream)
+    run, status, end = None, "KILLED", None
+    try:
+        run = _open_run(**opening)
+        while True:
+            try:
+                name, args, kwargs, now = pickle.load(stream)
+            except EOFError:
+                break
+            if name == "end":
+                (status,), end = args, now
+                break
+            run.now = now
+            getattr(run, name)(*args, **kwargs)
+        run.client.set_terminated(run.run_id, status, end_time=end)
         if status != "FINISHED":
-            c.set_terminated(parent_id, status)
+            run.client.set_terminated(run.parent_id, status, end_time=end)
+    except Exception as e:  # one line, as the stages' own errors: the stage then fails, naming its logger
+        logging.getLogger("deeplab.tracking").error("MLflow tracking of stage %s failed: %s: %s", opening["stage"],
+                                                    type(e).__name__, e)
+        if run is not None:
+            with contextlib.suppress(Exception):
+                run.client.set_terminated(run.run_id, "FAILED")
+                run.client.set_terminated(run.parent_id, "FAILED")
+        raise SystemExit(1) from None
+
+
+def _open_run(stage: str, params: dict[str, Any], params_file: str, dvc_process: str, pid: int, pid_start: str,
+              source: str, start_time: int) -> StageRun:
+    """The MLflow run of one stage process (``pid``), under its pipeline execution's parent, with its params."""
+    c = client()
+    exp_id = _experiment_id(c)
+    mark_dead_runs(c, exp_id)
+    commit = git_commit()
+    exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
+    key = f"{commit[:12]}-{exp_name}-{file_hash(Path(params_file))[:12]}"
+    # mlflow.user / mlflow.source.*: what mlflow.start_run adds from its context providers (which import
+    # GitPython, 0.3 s), cheaply, for the runs table's User and Source columns.
+    tags = {"deeplab.pipeline": key, "git.commit": commit, "dvc.exp_name": exp_name,
+            "deeplab.params_file": params_file, "deeplab.dvc_process": dvc_process,
+            "mlflow.user": _user(), "mlflow.source.type": "LOCAL", "mlflow.source.name": source,
+            "mlflow.source.git.commit": commit}
+    parent_id = _parent_run(c, exp_id, stage, tags, params)
+    process = {"deeplab.host": socket.gethostname(), "deeplab.pid": str(pid), "deeplab.pid_start": pid_start}
+    run_id = c.create_run(exp_id, start_time=start_time, run_name=stage, tags={
+        **tags, **process, "mlflow.parentRunId": parent_id, "deeplab.role": "stage", "deeplab.stage": stage,
+        "dvc.stage": os.environ.get("DVC_STAGE", stage)}).info.run_id
+    run = StageRun(c, run_id, parent_id, stage)
+    keys = dvc_stage_params(stage)
+    run.log_params(flatten(select(params, keys) if keys else params))
+    run.log_dict(params, "config/params.json")
+    return run
 
 
 def _user() -> str:

@@ -15,14 +15,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_env, tiny_params
+from tests.conftest import REPO, _copy_empty_store, run_env, tiny_params
 
 STAGE = textwrap.dedent("""
+    import sys
     import time
     from pathlib import Path
 
@@ -45,13 +47,20 @@ STAGE = textwrap.dedent("""
             if action == "block":
                 print("running", flush=True)
                 time.sleep(600)
+            if action == "modules":  # what the stage's own process has loaded while its run is open
+                run.log_metrics({"loss": 0.5}, step=1)
+                print(sorted(m for m in ("mlflow", "sqlalchemy", "alembic") if m in sys.modules), flush=True)
+            if action == "work":
+                Path("work.done").write_text("done")
 """)
 STAGE_SCRIPT = STAGE + "\n\ncommand(main)()\n"
 
 
 @pytest.fixture
 def store(tmp_path) -> Path:
-    """A folder with params.yaml, other.yaml (another lr), the stage script; MLflow's store is its mlflow.db."""
+    """A folder with params.yaml, other.yaml (another lr), the stage script; MLflow's store is its mlflow.db, made
+    (empty): a test reading it while a stage's logger opens its run would otherwise race it to create the tables."""
+    _copy_empty_store(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(tiny_params(**{"train.lr": 5e-4})))
     (tmp_path / "stage.py").write_text(STAGE_SCRIPT)
@@ -102,7 +111,25 @@ def _blocking(root: Path, stage: str) -> subprocess.Popen:
     if line.strip() != "running":
         proc.kill()
         raise AssertionError(f"stage did not start: {line!r}\n{proc.stderr.read()[-3000:]}")
+    _wait(lambda: _stage_runs(root, stage), f"the {stage} run in the store")  # its logger opens it meanwhile
     return proc
+
+
+def _wait(condition, what: str, timeout: float = 180):
+    """``condition()`` once it is true (the logger process works on its own time; MLflow alone imports in ~20 s
+    on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout} s")
+        time.sleep(0.2)
+    return value
+
+
+def _logger_of(pid: int) -> int:
+    """The pid of a stage process's logger (its one child)."""
+    (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(child)
 
 
 def _client(root: Path):
@@ -114,6 +141,8 @@ def _client(root: Path):
 def _runs(root: Path, role: str) -> list:
     client = _client(root)
     exp = client.get_experiment_by_name("deeplab")
+    if exp is None:  # no stage's logger has made it yet
+        return []
     runs = client.search_runs([exp.experiment_id], f"tags.`deeplab.role` = '{role}'",
                               order_by=["attributes.start_time ASC"])
     return runs
@@ -127,10 +156,20 @@ def _status(root: Path, run_id: str) -> str:
     return _client(root).get_run(run_id).info.status
 
 
-def test_sigkilled_stage_run_is_marked_killed_when_the_next_one_starts(store):
+def test_sigkilled_stage_run_is_ended_killed_by_its_logger(store):
     proc = _blocking(store, "train")
     (run,) = _stage_runs(store, "train")
     assert run.data.tags["deeplab.pid"] == str(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _wait(lambda: _status(store, run.info.run_id) == "KILLED", "KILLED run")
+    assert _status(store, run.data.tags["mlflow.parentRunId"]) == "KILLED"
+
+
+def test_sigkilled_stage_and_logger_are_marked_killed_when_the_next_one_starts(store):
+    proc = _blocking(store, "train")
+    (run,) = _stage_runs(store, "train")
+    os.kill(_logger_of(proc.pid), signal.SIGKILL)  # both gone at once: power loss, the OOM killer
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _status(store, run.info.run_id) == "RUNNING"  # nothing could say otherwise
@@ -165,6 +204,28 @@ def test_ctrl_c_ends_run_killed(store):
     (run,) = _stage_runs(store, "crf")
     assert run.info.status == "KILLED"  # mlflow's own context manager would say FAILED
     assert _status(store, run.data.tags["mlflow.parentRunId"]) == "KILLED"
+
+
+def test_the_stage_works_while_its_logger_loads_mlflow(store):
+    res = _stage(store, "train", "modules")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[0] == "[]"  # neither MLflow nor its store in the stage's process
+    (run,) = _stage_runs(store, "train")
+    assert run.info.status == "FINISHED"
+    (loss,) = _client(store).get_metric_history(run.info.run_id, "loss")
+    assert (loss.value, loss.step) == (0.5, 1)
+    assert run.info.start_time <= loss.timestamp <= run.info.end_time  # the stage's clock, not the logger's
+    assert json.loads((Path(_client(store).download_artifacts(run.info.run_id, "config/params.json")))
+                      .read_text())["train"]["lr"] == tiny_params()["train"]["lr"]
+
+
+def test_a_tracking_error_fails_the_stage_after_its_work(store):
+    env = {**_env(store), "MLFLOW_TRACKING_URI": "nosuchscheme://store"}
+    res = subprocess.run([sys.executable, "stage.py", "train", "work"], cwd=store, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert (store / "work.done").exists()  # the work was not held up by MLflow
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "error: MLflow tracking of stage train failed" in res.stderr
 
 
 def test_exception_ends_run_and_parent_failed(store):
