@@ -14,13 +14,13 @@ import contextlib
 import getpass
 import hashlib
 import json
-import logging
 import os
 import pickle
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,13 +65,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def _experiment_id(client: Any) -> str:
+def _experiment_id(client: Any, uri: str) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         if KIND_TAG not in exp.tags:  # created before the tag was set
             client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
-    uri = tracking_uri()
     location = None
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database, absolute, so temp-copy runs do not write into a deleted folder.
@@ -290,19 +289,21 @@ class StageRun:
         for run_id in (self.run_id, self.parent_id):
             self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "pipeline")])])
 
-    def log_dataset_lists(self, d: Any, lists: Path) -> None:  # d: a DatasetConfig (config imports pydantic)
-        """``log_dataset`` of the dataset that ``d`` (the DatasetConfig) names, read from prepare's ``lists``."""
-        from deeplab.data import read_list
 
-        data = Path(d.root) if d.root else Path("data/raw")
-        # Split sizes for the profile only (evaluate's scores read the val list alone, its one list dep).
-        files = {split: lists / f"{split}.txt" for split in dict.fromkeys((d.train_split, d.val_split))}
-        sizes = {split: len(read_list(f)) for split, f in files.items() if f.exists()}
-        # DVC's hash of the dataset folder (the download stage's out, or a dep naming dataset.root); without one
-        # (no DVC, or a root DVC does not track) the hash of the file lists, which name every file used.
-        digest = dvc_hash(data) or dvc_hash(lists) or hashlib.md5(
-            b"".join(files[split].read_bytes() for split in sizes)).hexdigest()
-        self.log_dataset(d.name, digest, {"uri": data.resolve().as_uri(), "lists": str(lists)}, sizes)
+def dataset_of_lists(d: Any, lists: Path) -> tuple[str, str, dict[str, Any], dict[str, int]]:
+    """``log_dataset``'s arguments for the dataset that ``d`` (a DatasetConfig) names, read from prepare's
+    ``lists``."""
+    from deeplab.data import read_list
+
+    data = Path(d.root) if d.root else Path("data/raw")
+    # Split sizes for the profile only (evaluate's scores read the val list alone, its one list dep).
+    files = {split: lists / f"{split}.txt" for split in dict.fromkeys((d.train_split, d.val_split))}
+    sizes = {split: len(read_list(f)) for split, f in files.items() if f.exists()}
+    # DVC's hash of the dataset folder (the download stage's out, or a dep naming dataset.root); without one
+    # (no DVC, or a root DVC does not track) the hash of the file lists, which name every file used.
+    digest = dvc_hash(data) or dvc_hash(lists) or hashlib.md5(
+        b"".join(files[split].read_bytes() for split in sizes)).hexdigest()
+    return d.name, digest, {"uri": data.resolve().as_uri(), "lists": str(lists)}, sizes
 
 
 def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
@@ -333,22 +334,25 @@ def stage_run(stage: str, params: Any, params_file: Path) -> Iterator[StageRun]:
     the params the stage lists in dvc.yaml (all of them outside a DVC project), and the whole resolved config
     as an artifact. Yields the StageRun.
 
-    MLflow runs in a logger process of its own (``serve``): importing it and opening the store take ~3 s of CPU,
-    which there overlap the stage's work instead of delaying it; the stage's calls go to it in order, stamped
-    with the stage's clock, and the stage waits for it to finish before it ends. A tracking error fails the
-    stage (after its work, naming the error).
+    MLflow runs in a logger process (``serve``), one per store, shared by the stages that run while it is up:
+    importing MLflow and opening the store take ~3 s of CPU, paid once per pipeline rather than once per stage,
+    and never by the stage itself. The stage's calls go to it in order, stamped with the stage's clock, and the
+    stage waits for them to be made before it ends. A tracking error fails the stage (after its work, naming it).
 
     The run ends FINISHED, FAILED on an exception, KILLED on SIGINT or SIGTERM (raised here as
     KeyboardInterrupt / Terminated); a failed or killed stage ends its parent the same way. A stage killed
-    outright (SIGKILL) is ended KILLED by its logger, which outlives it (its own session: a signal to the stage's
+    outright (SIGKILL) is ended KILLED by the logger, which outlives it (its own session: a signal to the stage's
     process group does not reach it), or else by the next stage run that starts on the same host."""
     if os.environ.get("DEEPLAB_TRACKING") == "off":  # a machine without MLflow (bench/device.sh on a bare GPU)
         yield Untracked()  # type: ignore[misc]
         return
-    run = RunLogger(stage, {"stage": stage, "params": params.model_dump(mode="json"), "params_file": str(params_file),
-                            "dvc_process": _dvc_process(), "pid": os.getpid(),
-                            "pid_start": process_start(os.getpid()) or "unknown", "source": sys.argv[0],
-                            "start_time": _now()})
+    uri = tracking_uri()
+    run = RunLogger(stage, uri, {
+        "stage": stage, "params": params.model_dump(mode="json"), "params_file": str(params_file),
+        "params_hash": file_hash(params_file), "commit": git_commit(),
+        "exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "dvc_params": dvc_stage_params(stage), "dvc_process": _dvc_process(), "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()) or "unknown", "source": sys.argv[0], "start_time": _now()})
     main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     status = "FAILED"
@@ -370,16 +374,46 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-class RunLogger:
-    """What a stage holds of its run: each StageRun call, sent to the logger process (``serve``) that makes it."""
+def _address(uri: str) -> str:
+    """The logger's socket for store ``uri``: abstract on Linux (no file to leave behind), else in the temp
+    folder."""
+    name = f"deeplab-mlflow-{hashlib.sha256(f'{os.getuid()}:{uri}'.encode()).hexdigest()[:24]}"
+    return f"\0{name}" if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
 
-    def __init__(self, stage: str, opening: dict[str, Any]) -> None:
-        package = str(Path(__file__).resolve().parents[1])  # this deeplab, wherever the stage was started
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
-        self.stage, self.broken = stage, False
-        self.proc = subprocess.Popen([sys.executable, "-c", "from deeplab.tracking import serve; serve()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+
+def _connect(uri: str, timeout: float = 120) -> socket.socket:
+    """A connection to the logger of ``uri``, started here if none is up (or the one up is closing, idle)."""
+    deadline, proc = time.monotonic() + timeout, None
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(_address(uri))
+            if sock.recv(1) == b"+":  # accepted by a logger that serves it, not reset by one going idle
+                return sock
+        except OSError:
+            pass
+        sock.close()
+        if proc is None or proc.poll() is not None:
+            if proc is not None and proc.returncode != 0:
+                raise RuntimeError(f"MLflow tracking: the logger for {uri} exited with {proc.returncode}")
+            package = str(Path(__file__).resolve().parents[1])  # this deeplab, wherever the stage was started
+            env = {**os.environ,
+                   "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
+            # Its own session, no terminal streams: it outlives the stage, and holds no pipe of its caller open.
+            proc = subprocess.Popen([sys.executable, "-c", "import sys; from deeplab.tracking import serve; "
+                                     "serve(sys.argv[1])", uri], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/",
+                                    start_new_session=True)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"MLflow tracking: no logger for {uri} after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+class RunLogger:
+    """What a stage holds of its run: each StageRun call, sent to the logger (``serve``) that makes it."""
+
+    def __init__(self, stage: str, uri: str, opening: dict[str, Any]) -> None:
+        self.stage, self.broken, self.sock = stage, False, _connect(uri)
         self._send(opening)
 
     def __getattr__(self, name: str) -> Any:
@@ -387,45 +421,133 @@ class RunLogger:
             raise AttributeError(f"a stage run has no {name!r}")
         return lambda *args, **kwargs: self._send((name, args, kwargs, _now()))
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._send(("log_artifact", (str(Path(local_path).resolve()), artifact_path), {}, _now()))
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self._send(("log_artifacts", (str(Path(local_dir).resolve()), artifact_path), {}, _now()))
+
+    def log_dataset_lists(self, d: Any, lists: Path) -> None:
+        """StageRun.log_dataset of ``dataset_of_lists(d, lists)``."""
+        self._send(("log_dataset", dataset_of_lists(d, lists), {}, _now()))
+
     def _send(self, message: Any) -> None:
-        data = pickle.dumps(message)
         if self.broken:
             return
+        data = pickle.dumps(message)
         held = threading.current_thread() is threading.main_thread()
-        if held:  # a signal's handler raising mid-write would leave half a message in the pipe
+        if held:  # a signal's handler raising mid-write would leave half a message in the socket
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):  # the logger has ended (its error is on stderr): close() says so
+            self.sock.sendall(data)
+        except OSError:  # the logger is gone: close() says so
             self.broken = True
         finally:
             if held:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def close(self, status: str) -> str | None:
-        """End the run with ``status``, wait for the logger; its failure as a message, else None."""
+        """End the run with ``status`` once the logger has made every call; its error, else None."""
         self._send(("end", (status,), {}, _now()))
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        code = self.proc.wait()
-        if code:
-            return f"MLflow tracking of stage {self.stage} failed (its logger exited with {code}; its error is above)"
-        return None
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            with self.sock.makefile("rb") as reply:
+                error = pickle.load(reply)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            error = f"MLflow tracking of stage {self.stage} failed: its logger ended before the run did"
+        finally:
+            self.sock.close()
+        return error
 
 
-def serve(stream: Any = None) -> None:
-    """The logger process of one stage run (started by stage_run, fed on stdin): opens the run, makes the
-    stage's calls in order, and ends the run as the stage says, or KILLED when the stage's end of the pipe
-    closes without a word (the stage was killed outright)."""
-    stream = stream or sys.stdin.buffer
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    opening = pickle.load(stream)
-    run, status, end = None, "KILLED", None
+# How long a logger waits for the next stage (DVC's own work between two stages: seconds).
+IDLE_S = float(os.environ.get("DEEPLAB_TRACKING_IDLE_S", "30"))
+
+
+def _store_file(uri: str) -> tuple[int, int] | None:
+    """Which file a SQLite store is (device, inode), None for another store or none yet."""
     try:
-        run = _open_run(**opening)
+        st = os.stat(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
+
+
+def serve(uri: str) -> None:
+    """The logger of store ``uri``: a process that loads MLflow once and serves the stage runs of every stage
+    that connects (each on a thread of its own), until none has connected for IDLE_S seconds."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(_address(uri))
+    except OSError:  # another logger serves this store (two stages started it at once)
+        return
+    listener.listen(64)
+    listener.settimeout(1)
+    loaded, store = threading.Event(), {}
+
+    def load() -> None:
+        try:
+            store["client"], store["file"] = client(uri), _store_file(uri)
+        except Exception as e:
+            store["error"] = f"{type(e).__name__}: {e}"
+        loaded.set()
+
+    threading.Thread(target=load, daemon=True).start()
+    state = {"active": 0, "last": time.monotonic()}
+    lock, opening = threading.Lock(), threading.Lock()
+
+    def handle(conn: socket.socket) -> None:
+        try:
+            _serve_run(conn, uri, loaded, store, opening)
+        finally:
+            conn.close()
+            with lock:
+                state["active"] -= 1
+                state["last"] = time.monotonic()
+
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            with lock:  # a store that failed to open: no new runs (the next stage starts a fresh logger)
+                done = state["active"] == 0 and ("error" in store or time.monotonic() - state["last"] > IDLE_S)
+            if done:
+                listener.close()  # a connection the kernel took meanwhile is reset: its stage starts another
+                return
+            continue
+        if loaded.is_set() and "file" in store and _store_file(uri) != store["file"]:
+            # The store was removed or replaced since (reset by hand): MLflow keeps its connections to the old
+            # file, so this logger ends; the stage, refused, starts a fresh one.
+            conn.close()
+            listener.close()
+            return
+        with lock:
+            state["active"] += 1
+        conn.settimeout(None)
+        try:
+            conn.sendall(b"+")
+        except OSError:
+            conn.close()
+            with lock:
+                state["active"] -= 1
+            continue
+        threading.Thread(target=handle, args=(conn,)).start()
+
+
+def _serve_run(conn: socket.socket, uri: str, loaded: threading.Event, store: dict[str, Any],
+               opening_lock: threading.Lock) -> None:
+    """One stage's run: opened, its calls made in order, ended as the stage says, or KILLED when the stage's
+    end of the connection closes without a word (killed outright); the stage gets None or the error."""
+    run, status, end, error, stage = None, "KILLED", None, None, "?"
+    stream = conn.makefile("rb")
+    try:
+        opening = pickle.load(stream)
+        stage = opening["stage"]
+        loaded.wait()
+        if "error" in store:
+            raise RuntimeError(store["error"])
+        with opening_lock:  # one at a time: a pipeline's parent run is looked up, or made, once
+            run = _open_run(store["client"], uri, **opening)
         while True:
             try:
                 name, args, kwargs, now = pickle.load(stream)
@@ -439,25 +561,23 @@ def serve(stream: Any = None) -> None:
         run.client.set_terminated(run.run_id, status, end_time=end)
         if status != "FINISHED":
             run.client.set_terminated(run.parent_id, status, end_time=end)
-    except Exception as e:  # one line, as the stages' own errors: the stage then fails, naming its logger
-        logging.getLogger("deeplab.tracking").error("MLflow tracking of stage %s failed: %s: %s", opening["stage"],
-                                                    type(e).__name__, e)
+    except Exception as e:  # one line, as the stages' own errors
+        error = f"MLflow tracking of stage {stage} failed: {type(e).__name__}: {e}"
         if run is not None:
             with contextlib.suppress(Exception):
                 run.client.set_terminated(run.run_id, "FAILED")
                 run.client.set_terminated(run.parent_id, "FAILED")
-        raise SystemExit(1) from None
+    with contextlib.suppress(OSError):
+        conn.sendall(pickle.dumps(error))
 
 
-def _open_run(stage: str, params: dict[str, Any], params_file: str, dvc_process: str, pid: int, pid_start: str,
-              source: str, start_time: int) -> StageRun:
+def _open_run(c: Any, uri: str, stage: str, params: dict[str, Any], params_file: str, params_hash: str,
+              commit: str, exp_name: str, dvc_stage: str, dvc_params: list[str] | None, dvc_process: str,
+              pid: int, pid_start: str, source: str, start_time: int) -> StageRun:
     """The MLflow run of one stage process (``pid``), under its pipeline execution's parent, with its params."""
-    c = client()
-    exp_id = _experiment_id(c)
+    exp_id = _experiment_id(c, uri)
     mark_dead_runs(c, exp_id)
-    commit = git_commit()
-    exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
-    key = f"{commit[:12]}-{exp_name}-{file_hash(Path(params_file))[:12]}"
+    key = f"{commit[:12]}-{exp_name}-{params_hash[:12]}"
     # mlflow.user / mlflow.source.*: what mlflow.start_run adds from its context providers (which import
     # GitPython, 0.3 s), cheaply, for the runs table's User and Source columns.
     tags = {"deeplab.pipeline": key, "git.commit": commit, "dvc.exp_name": exp_name,
@@ -468,10 +588,9 @@ def _open_run(stage: str, params: dict[str, Any], params_file: str, dvc_process:
     process = {"deeplab.host": socket.gethostname(), "deeplab.pid": str(pid), "deeplab.pid_start": pid_start}
     run_id = c.create_run(exp_id, start_time=start_time, run_name=stage, tags={
         **tags, **process, "mlflow.parentRunId": parent_id, "deeplab.role": "stage", "deeplab.stage": stage,
-        "dvc.stage": os.environ.get("DVC_STAGE", stage)}).info.run_id
+        "dvc.stage": dvc_stage}).info.run_id
     run = StageRun(c, run_id, parent_id, stage)
-    keys = dvc_stage_params(stage)
-    run.log_params(flatten(select(params, keys) if keys else params))
+    run.log_params(flatten(select(params, dvc_params) if dvc_params else params))
     run.log_dict(params, "config/params.json")
     return run
 

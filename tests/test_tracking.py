@@ -228,6 +228,39 @@ def test_a_tracking_error_fails_the_stage_after_its_work(store):
     assert "error: MLflow tracking of stage train failed" in res.stderr
 
 
+def _loggers(root: Path) -> list[int]:
+    """The pids of the logger processes serving root's store."""
+    uri, found = f"sqlite:///{root / 'mlflow.db'}", []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if uri.encode() in argv and any(b"import serve" in a for a in argv):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_stages_share_one_logger_that_ends_when_idle(store):
+    env = {**_env(store), "DEEPLAB_TRACKING_IDLE_S": "8"}
+    for stage in ("download", "prepare"):
+        res = subprocess.run([sys.executable, "stage.py", stage, "ok"], cwd=store, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        if stage == "download":
+            (logger,) = _loggers(store)
+    assert _loggers(store) == [logger]  # the second stage used the first one's: MLflow loaded once
+    assert [r.info.status for r in _runs(store, "stage")] == ["FINISHED", "FINISHED"]
+    _wait(lambda: not _loggers(store), "end of the idle logger", timeout=120)
+
+
+def test_runs_after_the_store_was_removed_go_to_the_new_store(store, here):
+    here("download")
+    (store / "mlflow.db").unlink()  # a store reset by hand while the logger is up
+    here("prepare")
+    assert [r.data.tags["deeplab.stage"] for r in _runs(store, "stage")] == ["prepare"]
+
+
 def test_exception_ends_run_and_parent_failed(store):
     res = _stage(store, "train", "fail")
     assert res.returncode == 1 and "the stage failed" in res.stderr
