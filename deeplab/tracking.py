@@ -377,7 +377,9 @@ def _now() -> int:
 def _address(uri: str) -> str:
     """The logger's socket for store ``uri``: abstract on Linux (no file to leave behind), else in the temp
     folder."""
-    name = f"deeplab-mlflow-{hashlib.sha256(f'{os.getuid()}:{uri}'.encode()).hexdigest()[:24]}"
+    # Also keyed by this code and interpreter: after an edit or in another environment, a logger of its own.
+    key = f"{os.getuid()}:{uri}:{sys.executable}:{file_hash(Path(__file__))}"
+    name = f"deeplab-mlflow-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
     return f"\0{name}" if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
 
 

@@ -272,30 +272,31 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # Rough seconds of the slow tests (a 2-core run under xdist, every parameter alike), for the order below only: a
 # missing or stale entry costs some wall time, never a result.
 SLOW_TESTS = {
-    "test_crf_search.py::test_crf_grid_search_through_the_dvc_queue": 75,
-    "test_bench.py::test_device_check_quick_runs_every_step": 78,
-    "test_custom_dataset.py::test_custom_dataset_through_dvc_repro[mmseg]": 70,  # reruns after a class-file edit
-    "test_custom_dataset.py::test_custom_dataset_through_dvc_repro": 45,
-    "test_released.py::test_released_weights_score_without_training": 43,
-    "test_bench.py::test_dvc_scale_bench_smoke": 35, "test_coco21.py::test_dvc_repro_to_metrics": 25,
+    "test_crf_search.py::test_crf_grid_search_through_the_dvc_queue": 50,
+    "test_bench.py::test_device_check_quick_runs_every_step": 58,
+    "test_custom_dataset.py::test_custom_dataset_through_dvc_repro[mmseg]": 39,  # reruns after a class-file edit
+    "test_custom_dataset.py::test_custom_dataset_through_dvc_repro": 23,
+    "test_released.py::test_released_weights_score_without_training": 25,
+    "test_bench.py::test_dvc_scale_bench_smoke": 33, "test_coco21.py::test_dvc_repro_to_metrics": 15,
     "test_crf.py::test_dask_cluster_gives_the_loky_labels": 20,
     "test_deeplabv3.py::test_whole_tiny_pipeline_runs_with_v3_archs": 15,
     "test_distributed.py::test_kill_9_then_resume_matches_uninterrupted": 23,
     "test_released.py::test_scoring_the_train_val_caffemodel_on_voc_val_warns": 12,
     "test_datasets_pipeline.py::test_pipeline_on_fixture_dataset": 12,
-    "test_pipeline.py::test_exp_run_temp_logs_into_main_store": 11,
-    "test_pipeline.py::test_train_param_change_does_not_rerun_data_stages": 11,
+    "test_tracking.py::test_stages_share_one_logger_that_ends_when_idle": 13,
+    "test_pipeline.py::test_exp_run_temp_logs_into_main_store": 17,
+    "test_pipeline.py::test_train_param_change_does_not_rerun_data_stages": 15,
     "test_distributed.py::test_two_gloo_processes_stay_in_sync": 10,
     "test_distributed.py::test_torchrun_training_logs_the_last_iteration_to_mlflow": 19,
-    "test_pipeline.py::test_logits_sharded_over_two_processes_match": 9,
+    "test_pipeline.py::test_logits_sharded_over_two_processes_match": 15,
     "test_pipeline_faults.py::test_killed_crf_resumes_under_dvc_repro_and_never_reuses_other_params": 24,
-    "test_train.py::test_train_stage_resumed_after_sigterm_logs_the_whole_loss_series": 25,
+    "test_train.py::test_train_stage_resumed_after_sigterm_logs_the_whole_loss_series": 14,
     "test_bench.py::test_bench_prints_one_json_line": 8,
     "test_init_stage.py": 6, "test_tracking.py": 5,  # each test of these modules
 }
 # Modules whose tests share a module-scoped fixture, with their rough seconds: each is one xdist work unit
 # (pytest_xdist_make_scheduler), so the fixture is built once, not on each worker.
-GROUPED = {"test_dvc_scale.py": 150, "test_readme.py": 40, "test_ui.py": 25, "test_remote.py": 7, "test_caffe.py": 5}
+GROUPED = {"test_dvc_scale.py": 48, "test_readme.py": 40, "test_ui.py": 25, "test_remote.py": 7, "test_caffe.py": 5}
 
 
 def _module(nodeid: str) -> str:
