@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -6,7 +7,9 @@ import typer
 from deeplab import datasets
 from deeplab.config import load_params
 from deeplab.stage import command
-from deeplab.tracking import stage_run
+from deeplab.tracking import repo_root, stage_run
+
+log = logging.getLogger(__name__)
 
 
 def prepare(params: Annotated[Path, typer.Option(help="Params file to read (dataset.*); must hold every section.")]
@@ -19,7 +22,11 @@ def prepare(params: Annotated[Path, typer.Option(help="Params file to read (data
     p = load_params(params)
     d = p.dataset
     with stage_run("prepare", p, params) as mlflow:
-        counts = datasets.prepare(d, Path(d.root) if d.root else raw, out)
+        root = Path(d.root) if d.root else raw
+        counts = datasets.prepare(d, root, out)
+        n_files = 2 * sum(counts[s] for s in dict.fromkeys((d.train_split, d.val_split)))  # an image and a label
+        if (hint := datasets.large_dataset_hint(root, repo_root(), n_files)) is not None:
+            log.warning("%s", hint)
         mlflow.log_metrics({f"n_{split}": n for split, n in counts.items()})
 
 

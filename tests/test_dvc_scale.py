@@ -92,3 +92,36 @@ def test_changed_label_bytes_rerun_what_reads_it_and_crf_params_still_rerun_only
     params["crf"]["bi_w"] = 5.0
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(dvc(root, "repro").stdout) == ["crf", "evaluate@crf"]
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_prepare_advises_moving_a_large_dataset_out_of_the_repository(tmp_path, monkeypatch, caplog, inside):
+    """Past LARGE_DATASET_FILES listed files (lowered here to this dataset's 32), prepare warns that a folder
+    inside the repository costs DVC two walks a status and a copy in its cache; outside it, nothing is said."""
+    from deeplab import datasets
+    from stages.prepare import prepare
+
+    p = tiny_params()
+    s = p["dataset"]["synthetic"]
+    repo = tmp_path / "repo"
+    dataset = repo / "data" / "raw" if inside else tmp_path / "elsewhere"
+    synthetic.generate(dataset, s["n_train"], s["n_val"], s["height"], s["width"], p["dataset"]["n_classes"], s["seed"])
+    p["dataset"]["root"] = str(dataset)
+    repo.mkdir(exist_ok=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("DEEPLAB_TRACKING", "off")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    n_files = 2 * (s["n_train"] + s["n_val"])
+    monkeypatch.setattr(datasets, "LARGE_DATASET_FILES", n_files)
+    with caplog.at_level("WARNING"):
+        prepare(params=repo / "params.yaml", raw=repo / "data" / "raw", out=repo / "data" / "prepared")
+    warned = [r.getMessage() for r in caplog.records if "inside the repository" in r.getMessage()]
+    if inside:
+        assert warned == [datasets.large_dataset_hint(dataset, repo, n_files)]
+        assert f"{n_files:,} files" in warned[0] and str(dataset) in warned[0] and "README" in warned[0]
+        assert datasets.large_dataset_hint(dataset, repo, n_files - 1) is None  # one file under: small
+    else:
+        assert warned == []
+        assert datasets.large_dataset_hint(dataset, repo, 10**6) is None
+    assert (repo / "data" / "prepared" / "val.txt").exists()

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ALL_STAGES, NO_TRACKING, copy_project, make_project, sh, stages_run, tiny_params
@@ -68,6 +69,7 @@ def test_mlflow_store_has_linked_runs(tiny_pipeline):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     final_md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "data/models/final.pt")
     assert train.data.tags["weights.final.md5"] == final_md5
+    assert train.data.tags["torch.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     ev = by_stage["evaluate@crf"].data.metrics
     crf_scores = json.loads((project / "metrics" / "crf" / "scores.json").read_text())
     assert ev["crf_mean_iou"] == pytest.approx(crf_scores["mean_iou"])
