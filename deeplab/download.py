@@ -185,12 +185,28 @@ def archive_problem(path: Path) -> str | None:
             return None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
         return f"damaged archive ({e})"
+    return _web_page(path, "a zip or tar archive") or "neither a zip nor a tar archive"
+
+
+def _web_page(path: Path, expected: str) -> str | None:
+    """The problem of a file that is a web page (what a server answers with for a missing file or a sign-in),
+    or None."""
     with open(path, "rb") as f:
         head = f.read(256).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
-        return ("not a zip or tar archive but a web page (the server answered with an error or sign-in page "
-                "instead of the file)")
-    return "neither a zip nor a tar archive"
+        return (f"not {expected} but a web page (the server answered with an error or sign-in page instead of "
+                f"the file)")
+    return None
+
+
+def weights_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a file ``torch.save`` wrote (a zip since PyTorch 1.6, a pickle before:
+    the releases are of 2019), or None. Reads its first bytes only."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # pickle protocol 2+: legacy torch.save
+        return None
+    return _web_page(path, "PyTorch weights") or f"not PyTorch weights (neither a zip nor a pickle: starts {head!r})"
 
 
 def _check_member(name: str, target: Path, archive: Path) -> None:
@@ -346,7 +362,8 @@ RELEASED: dict[str, tuple[Archive, int]] = {
 def fetch_released(name: str, downloads: Path, base_url: str | None = None,
                    checksums: dict[str, object] | None = None) -> Path:
     """The reference's released weights ``name`` (a key of ``RELEASED``) in ``downloads``, fetched and verified
-    through ``download``."""
+    through ``download``: with nothing published, the first download must be PyTorch weights before its size and
+    sha256 are recorded (``weights_problem``)."""
     if name not in RELEASED:
         raise DownloadError(f"no released weights named {name!r} (known: {', '.join(RELEASED)})")
-    return download(RELEASED[name][0], downloads, base_url, checksums)
+    return download(RELEASED[name][0], downloads, base_url, checksums, check=weights_problem)

@@ -85,16 +85,44 @@ def test_released_weights_score_without_training(tiny_pipeline, tmp_path):
 def test_a_released_file_that_changed_on_the_mirror_is_refused(tmp_path):
     from deeplab.download import DownloadError, fetch_released
 
+    first, other = saved({"w": torch.zeros(2)}), saved({"w": torch.ones(2)})
     with ArchiveServer() as server:
-        server.files[VOC_RELEASE] = b"first"
-        assert fetch_released("voc12", tmp_path, server.url).read_bytes() == b"first"
+        server.files[VOC_RELEASE] = first
+        assert fetch_released("voc12", tmp_path, server.url).read_bytes() == first
         (tmp_path / VOC_RELEASE).unlink()
-        server.files[VOC_RELEASE] = b"other"  # recorded size and SHA-256 on the first download must match
+        server.files[VOC_RELEASE] = other  # recorded size and SHA-256 on the first download must match
         with pytest.raises(DownloadError, match=rf"{VOC_RELEASE}: sha256 mismatch"):
             fetch_released("voc12", tmp_path, server.url)
     assert not (tmp_path / VOC_RELEASE).exists()
     with pytest.raises(DownloadError, match="no released weights named 'ade20k'"):
         fetch_released("ade20k", tmp_path)
+
+
+def saved(obj: object, zip_format: bool = True) -> bytes:
+    """What ``torch.save`` writes for ``obj``: a zip, or the legacy pickle of the 2019 releases."""
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=zip_format)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("served,problem", [
+    (b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
+     r"not PyTorch weights but a web page \(the server answered with an error or sign-in page instead of the file\)"),
+    (b"\x00\x01garbage", r"not PyTorch weights \(neither a zip nor a pickle: starts b'\\x00\\x01ga'\)"),
+])
+def test_a_first_download_that_is_no_weights_is_refused_not_recorded(tmp_path, served, problem):
+    """With no checksum published for a release, the first download's size and sha256 are recorded: an error
+    page a mirror answered with (HTTP 200) must not be pinned as the weights."""
+    from deeplab.download import DownloadError, fetch_released
+
+    with ArchiveServer() as server:
+        server.files[VOC_RELEASE] = served
+        with pytest.raises(DownloadError, match=rf"{VOC_RELEASE}: {problem} \(from {server.url}/{VOC_RELEASE}\)"):
+            fetch_released("voc12", tmp_path, server.url)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing kept, nothing recorded
+        server.files[VOC_RELEASE] = legacy = saved({"w": torch.zeros(2)}, zip_format=False)
+        assert fetch_released("voc12", tmp_path, server.url).read_bytes() == legacy  # the releases' own format
+    assert json.loads((tmp_path / "recorded.json").read_text())[VOC_RELEASE]["size"] == len(legacy)
 
 
 def test_scoring_the_train_val_caffemodel_on_voc_val_warns(tmp_path):
