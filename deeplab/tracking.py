@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -380,7 +381,27 @@ def _address(uri: str) -> str:
     # Also keyed by this code and interpreter: after an edit or in another environment, a logger of its own.
     key = f"{os.getuid()}:{uri}:{sys.executable}:{file_hash(Path(__file__))}"
     name = f"deeplab-mlflow-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
-    return f"\0{name}" if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
+    if sys.platform.startswith("linux"):
+        return f"\0{name}"
+    # No peer credentials to check there: a folder only this user can enter keeps other users' processes out.
+    folder = Path(tempfile.gettempdir()) / f"deeplab-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"MLflow tracking: {folder} is not this user's private folder (owner uid {st.st_uid}, "
+                           f"mode {st.st_mode & 0o777:o}); remove it")
+    return str(folder / name)
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket (Linux's SO_PEERCRED), None elsewhere.
+    Abstract sockets have no file permissions: any local user can connect to one, or bind its name first, and
+    what goes over it is pickled, so each end checks that the other is this user's."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    return uid
 
 
 def _connect(uri: str, timeout: float = 120) -> socket.socket:
@@ -390,6 +411,10 @@ def _connect(uri: str, timeout: float = 120) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(_address(uri))
+            if (uid := _peer_uid(sock)) not in (None, os.getuid()):
+                sock.close()
+                raise RuntimeError(f"MLflow tracking: the logger socket for {uri} is held by a process of another "
+                                   f"user (uid {uid}); this stage's run is not sent to it")
             if sock.recv(1) == b"+":  # accepted by a logger that serves it, not reset by one going idle
                 return sock
         except OSError:
@@ -516,6 +541,9 @@ def serve(uri: str) -> None:
             if done:
                 listener.close()  # a connection the kernel took meanwhile is reset: its stage starts another
                 return
+            continue
+        if _peer_uid(conn) not in (None, os.getuid()):  # another user's process: nothing of it is read
+            conn.close()
             continue
         if loaded.is_set() and "file" in store and _store_file(uri) != store["file"]:
             # The store was removed or replaced since (reset by hand): MLflow keeps its connections to the old

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, _copy_empty_store, run_env, tiny_params
+from tests.conftest import REPO, _copy_empty_store, run_env, skip_or_fail, tiny_params
 
 STAGE = textwrap.dedent("""
     import sys
@@ -382,3 +384,105 @@ def test_mlflow_loads_without_its_optional_imports(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["[]", "(1,", "1)"]
+
+
+NOBODY = 65534
+
+
+class _Touch:
+    """Pickled, it creates ``path`` when loaded: code another local user could send to run as this one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _as_nobody(work) -> tuple[int, int]:
+    """Fork a process that runs ``work(pipe)`` as user nobody (the pipe's write end); returns its pid and the
+    read end."""
+    if os.geteuid() != 0 or not hasattr(socket, "SO_PEERCRED"):
+        skip_or_fail("acting as another user needs root, and the peer check Linux's SO_PEERCRED")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # only socket calls and os._exit here: the test process has threads
+        try:
+            os.close(r)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            work(w)
+        except BaseException as e:  # said on the pipe: the test then fails on what it reads
+            os.write(w, f"error: {e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def test_the_logger_reads_nothing_from_another_users_process(store, here):
+    """An abstract socket has no file permissions: another user's process can connect to the logger, whose
+    messages are pickles. It is closed before a byte of it is read, and the logger serves on."""
+    from deeplab import tracking
+
+    here("download")
+    (logger,) = _loggers(store)
+    marker = store / "pwned"  # store is root's private tmp folder: only a process of root's can create this
+    address = tracking._address(tracking.tracking_uri())
+
+    def attack(w: int) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(address)
+        s.settimeout(30)
+        try:
+            s.sendall(pickle.dumps(_Touch(marker)))  # as the opening message, the first the logger loads
+            got = s.recv(1)
+        except OSError:  # reset or broken pipe: closed by the logger
+            got = b""
+        os.write(w, b"got:" + got)
+
+    pid, r = _as_nobody(attack)
+    with os.fdopen(r, "rb") as f:
+        seen = f.read()
+    os.waitpid(pid, 0)
+    assert seen == b"got:"  # no handshake: closed unanswered
+    time.sleep(1)
+    assert not marker.exists()
+    here("prepare")
+    assert _loggers(store) == [logger]
+    assert [r.info.status for r in _runs(store, "stage")] == ["FINISHED", "FINISHED"]
+
+
+def test_a_stage_sends_nothing_to_another_users_process_on_the_loggers_name(store):
+    """Another user's process that bound the logger's name first gets nothing of the stage's run, and the
+    stage loads nothing it answers: it fails, naming the uid."""
+    from deeplab import tracking
+
+    uri = f"sqlite:///{store / 'other.db'}"
+    marker, address = store / "pwned", tracking._address(uri)
+
+    def squat(w: int) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(address)
+        s.listen(1)
+        os.write(w, b"r")
+        s.settimeout(60)
+        conn, _ = s.accept()
+        conn.settimeout(5)
+        try:
+            conn.sendall(b"+" + pickle.dumps(_Touch(marker)))
+            got = conn.recv(1 << 16)
+        except OSError:  # broken pipe or reset: the stage hung up
+            got = b""
+        os.write(w, b"got:" + got)
+
+    pid, r = _as_nobody(squat)
+    with os.fdopen(r, "rb") as f:
+        assert f.read(1) == b"r"
+        with pytest.raises(RuntimeError, match=rf"held by a process of another user \(uid {NOBODY}\)"):
+            tracking.RunLogger("train", uri, {"stage": "train", "params": {"secret": 1}})
+        seen = f.read()
+    os.waitpid(pid, 0)
+    assert seen == b"got:"  # not one byte of the run
+    assert not marker.exists()
+    assert not (store / "other.db").exists()  # and no logger was started for the store meanwhile
