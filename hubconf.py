@@ -99,6 +99,9 @@ def _load(arch: str, n_classes: int | None, weights: str | Path | None, scales: 
     unknown = sorted(set(kwargs) - {"n_blocks", "width", "atrous_rates"})
     if unknown:
         raise TypeError(f"{entry}: unexpected argument(s) {', '.join(unknown)}")
+    # As model.scales in a params file: a scale of 0 or below (or NaN) would fail only at the first forward.
+    if scales is not None and not all(isinstance(x, (int, float)) and 0 < x < float("inf") for x in scales):
+        raise ValueError(f"{entry}: scales must be positive numbers, got {list(scales)}")
     state, meta = read_weights_file(weights) if weights is not None else ({}, None)
     if meta is None:
         head = state.get(HEADS[arch])

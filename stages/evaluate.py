@@ -100,7 +100,9 @@ def evaluate(kind: str = typer.Argument(..., help="which predictions: raw or crf
         plot_examples(example_rows(items[:p.evaluate.n_examples], predictions, kinds),
                       ["image", "ground truth", *(TITLES[k] for k in kinds)], names, dest / "examples.png",
                       colours=colour_table(d))
-        mlflow.log_results({f"{kind}_{k}": v for k, v in s.items()})  # on the pipeline's parent run too
+        # On the pipeline's parent run too; with the image count scored (crf.subset past the split's size, as
+        # the params record it, scores them all).
+        mlflow.log_results({**{f"{kind}_{k}": v for k, v in s.items()}, f"{kind}_n_images": len(items)})
         mlflow.log_dataset_lists(d, lists)
         mlflow.log_metrics({f"{kind}_iou_{k}": v for k, v in zip(metric_keys(names), class_iou, strict=True)
                             if v is not None})

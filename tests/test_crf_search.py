@@ -116,4 +116,5 @@ def test_crf_grid_search_through_the_dvc_queue(tiny_pipeline, tmp_path):
             crf["bi_w"], crf["bi_xy_std"], str(SUBSET))
         assert crf_run.info.status == eval_run.info.status == "FINISHED"
         assert eval_run.data.metrics["crf_mean_iou"] == mean_iou and eval_run.data.params["crf.subset"] == str(SUBSET)
+        assert eval_run.data.metrics["crf_n_images"] == SUBSET  # the images scored, as the metric says
         assert crf_run.data.tags["mlflow.parentRunId"] == eval_run.data.tags["mlflow.parentRunId"]

@@ -70,6 +70,13 @@ def test_head_of_another_class_count_is_an_error(tmp_path):
         hub(n_classes=5, weights=str(tmp_path / "missing.pt"), **SMALL)
 
 
+@pytest.mark.parametrize("scales", [(0.0,), (0.5, -1.0), (float("nan"),), ("0.5",)])
+def test_scales_that_are_no_positive_numbers_are_refused_at_load(scales):
+    """Not at the first forward, as a zero scale did (interpolating to an empty input)."""
+    with pytest.raises(ValueError, match=r"deeplabv2_resnet101: scales must be positive numbers, got \["):
+        hub(n_classes=5, scales=scales, **SMALL)
+
+
 def test_trained_weights_load_by_path_alone(tmp_path):
     from tests.test_train import tiny_trained
 

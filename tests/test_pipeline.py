@@ -73,6 +73,8 @@ def test_mlflow_store_has_linked_runs(tiny_pipeline):
     ev = by_stage["evaluate@crf"].data.metrics
     crf_scores = json.loads((project / "metrics" / "crf" / "scores.json").read_text())
     assert ev["crf_mean_iou"] == pytest.approx(crf_scores["mean_iou"])
+    n_val = tiny_params()["dataset"]["synthetic"]["n_val"]
+    assert ev["crf_n_images"] == by_stage["evaluate@raw"].data.metrics["raw_n_images"] == n_val
     artifacts = [a.path for a in client.list_artifacts(by_stage["evaluate@crf"].info.run_id, "metrics/crf")]
     assert "metrics/crf/scores.json" in artifacts and "metrics/crf/confusion.png" in artifacts
 
