@@ -393,25 +393,26 @@ def _address(uri: str) -> str:
     return str(folder / name)
 
 
-def _peer_uid(sock: socket.socket) -> int | None:
-    """The user id of the process at the other end of a Unix socket (Linux's SO_PEERCRED), None elsewhere.
-    Abstract sockets have no file permissions: any local user can connect to one, or bind its name first, and
-    what goes over it is pickled, so each end checks that the other is this user's."""
+def _other_user(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket when it is not this user's (Linux's
+    SO_PEERCRED), else None (also where there are no peer credentials). Abstract sockets have no file
+    permissions: any local user can connect to one, or bind its name first, and what goes over it is pickled, so
+    each end checks that the other is this user's."""
     if not hasattr(socket, "SO_PEERCRED"):
         return None
     _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           struct.calcsize("3i")))
-    return uid
+    return None if uid == os.getuid() else uid
 
 
 def _connect(uri: str, timeout: float = 120) -> socket.socket:
     """A connection to the logger of ``uri``, started here if none is up (or the one up is closing, idle)."""
-    deadline, proc = time.monotonic() + timeout, None
+    deadline, proc, address = time.monotonic() + timeout, None, _address(uri)
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(_address(uri))
-            if (uid := _peer_uid(sock)) not in (None, os.getuid()):
+            sock.connect(address)
+            if (uid := _other_user(sock)) is not None:
                 sock.close()
                 raise RuntimeError(f"MLflow tracking: the logger socket for {uri} is held by a process of another "
                                    f"user (uid {uid}); this stage's run is not sent to it")
@@ -542,7 +543,7 @@ def serve(uri: str) -> None:
                 listener.close()  # a connection the kernel took meanwhile is reset: its stage starts another
                 return
             continue
-        if _peer_uid(conn) not in (None, os.getuid()):  # another user's process: nothing of it is read
+        if _other_user(conn) is not None:  # another user's process: nothing of it is read
             conn.close()
             continue
         if loaded.is_set() and "file" in store and _store_file(uri) != store["file"]:

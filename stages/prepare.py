@@ -24,7 +24,7 @@ def prepare(params: Annotated[Path, typer.Option(help="Params file to read (data
     with stage_run("prepare", p, params) as mlflow:
         root = Path(d.root) if d.root else raw
         counts = datasets.prepare(d, root, out)
-        n_files = 2 * sum(counts[s] for s in dict.fromkeys((d.train_split, d.val_split)))  # an image and a label
+        n_files = 2 * sum(counts.values())  # an image and a label per item of each split (one if they are one)
         if (hint := datasets.large_dataset_hint(root, repo_root(), n_files)) is not None:
             log.warning("%s", hint)
         mlflow.log_metrics({f"n_{split}": n for split, n in counts.items()})

@@ -25,10 +25,11 @@ from tests.test_config import write
 VOC_RELEASE = "deeplabv2_resnet101_msc-vocaug-20000.pth"
 
 
-def release_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    """A weights file as the reference released it: a plain state dict (keys base.*), no metadata."""
+def release_bytes(state: dict[str, torch.Tensor], zip_format: bool = True) -> bytes:
+    """A weights file as the reference released it: a plain state dict (keys base.*), no metadata; in torch.save's
+    zip format, or its legacy pickle (``zip_format=False``: what PyTorch before 1.6 wrote)."""
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(state, buf, _use_new_zipfile_serialization=zip_format)
     return buf.getvalue()
 
 
@@ -85,7 +86,7 @@ def test_released_weights_score_without_training(tiny_pipeline, tmp_path):
 def test_a_released_file_that_changed_on_the_mirror_is_refused(tmp_path):
     from deeplab.download import DownloadError, fetch_released
 
-    first, other = saved({"w": torch.zeros(2)}), saved({"w": torch.ones(2)})
+    first, other = release_bytes({"w": torch.zeros(2)}), release_bytes({"w": torch.ones(2)})
     with ArchiveServer() as server:
         server.files[VOC_RELEASE] = first
         assert fetch_released("voc12", tmp_path, server.url).read_bytes() == first
@@ -96,13 +97,6 @@ def test_a_released_file_that_changed_on_the_mirror_is_refused(tmp_path):
     assert not (tmp_path / VOC_RELEASE).exists()
     with pytest.raises(DownloadError, match="no released weights named 'ade20k'"):
         fetch_released("ade20k", tmp_path)
-
-
-def saved(obj: object, zip_format: bool = True) -> bytes:
-    """What ``torch.save`` writes for ``obj``: a zip, or the legacy pickle of the 2019 releases."""
-    buf = io.BytesIO()
-    torch.save(obj, buf, _use_new_zipfile_serialization=zip_format)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("served,problem", [
@@ -120,7 +114,7 @@ def test_a_first_download_that_is_no_weights_is_refused_not_recorded(tmp_path, s
         with pytest.raises(DownloadError, match=rf"{VOC_RELEASE}: {problem} \(from {server.url}/{VOC_RELEASE}\)"):
             fetch_released("voc12", tmp_path, server.url)
         assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing kept, nothing recorded
-        server.files[VOC_RELEASE] = legacy = saved({"w": torch.zeros(2)}, zip_format=False)
+        server.files[VOC_RELEASE] = legacy = release_bytes({"w": torch.zeros(2)}, zip_format=False)
         assert fetch_released("voc12", tmp_path, server.url).read_bytes() == legacy  # the releases' own format
     assert json.loads((tmp_path / "recorded.json").read_text())[VOC_RELEASE]["size"] == len(legacy)
 
