@@ -51,6 +51,16 @@ class Augment:
     blur_prob: float = 0.0
 
 
+def resize_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """CHW float image resized bilinearly (align_corners=False, no antialias), with the same bits on any number
+    of threads. Given a (1, 3, H, W) image on one thread, torch takes another kernel whose sums round
+    differently (ATen's upsample_bilinear2d_kernel_impl_float: "get_num_threads() == 1 && C == 3"), so crops
+    made in a DataLoader worker (one thread) or under OMP_NUM_THREADS=1 differed from the main process's, and
+    train.num_workers changed the weights. Each channel resized as its own one-channel image takes the kernel
+    a 3-channel image gets on two threads or more, on any thread count: the 2-core stream is unchanged."""
+    return F.interpolate(image[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """CHW float image blurred by a separable Gaussian of ``sigma`` pixels, truncated at 3 sigma and mirrored at
     the borders (scipy.ndimage.gaussian_filter's mode "mirror"); the image itself where the kernel is one tap.
@@ -77,7 +87,7 @@ def augment(image: torch.Tensor, label: np.ndarray, aug: Augment, rng: np.random
     s = float(rng.uniform(*aug.scale_range)) if aug.scale_range else float(rng.choice(aug.scales))
     nh, nw = int(h * s), int(w * s)
     if (nh, nw) != (h, w):
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        image = resize_bilinear(image, (nh, nw))
         label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
     c = aug.crop_size
     ph, pw = max(c - nh, 0), max(c - nw, 0)

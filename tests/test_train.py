@@ -255,6 +255,36 @@ def test_finished_checkpoint_trains_again_from_the_start(tiny_setup, caplog):
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic: the rerun reproduces the weights
 
 
+def test_data_loader_workers_change_no_weight(tmp_path):
+    """Probe: the default pipeline with `train.num_workers: 1` wrote another final.pt than with 0 (md5 5734...
+    against fe0030...), though checkpoints treat where data loads as changing no weight: a worker has one
+    thread, on which torch resized the images with another kernel. Same weights now, main process on 2 threads
+    or worker (scale 1.5 of 80 px images: the resize that differed)."""
+    from deeplab import synthetic
+    from deeplab.data import voc_layout_items
+
+    synthetic.generate(tmp_path / "raw", 4, 1, 80, 80, 4, seed=1)
+    write_list(tmp_path / "train.txt", voc_layout_items(tmp_path / "raw", "train"))
+    d, m = DatasetConfig(n_classes=4), ModelConfig(n_blocks=(1, 1, 1, 1), width=8, scales=())
+    model = build_model(4, m.n_blocks, m.width, m.atrous_rates, m.scales)
+    init_from_scratch(model, 0)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for workers in (0, 1):
+            t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, scales=(1.5,),
+                            num_workers=workers)
+            train(d, m, t, tmp_path / "train.txt", tmp_path / "init.pt", tmp_path / f"w{workers}.pt",
+                  tmp_path / f"ck{workers}.pt", tmp_path / f"log{workers}.csv")
+    finally:
+        torch.set_num_threads(threads)
+    a, b = read_state_dict(tmp_path / "w0.pt"), read_state_dict(tmp_path / "w1.pt")
+    init = torch.load(tmp_path / "init.pt", weights_only=True)
+    assert not torch.equal(a["base.layer1.conv1.conv.weight"], init["base.layer1.conv1.conv.weight"])  # trained
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_out_of_range_label_stops_training_with_one_line(tiny_setup, workers):
     """Probe: a label value 7 with n_classes 6 crashed train with a bare `IndexError: Target 7 is out of bounds`."""
