@@ -28,7 +28,9 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No float param means anything at infinity or NaN (YAML's .inf / .nan): refused at load, naming the key,
+    # not later as an OverflowError from a crop size or a NaN loss.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Section):

@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -48,6 +49,18 @@ def test_wrong_type_named(tmp_path):
         load_params(write(tmp_path, {"train": {"iterations": "many"}}))
     with pytest.raises(ParamsError, match=r"train\.lr: Input should be greater than 0"):
         load_params(write(tmp_path, {"train": {"lr": -1}}))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("model", "scales", [math.inf]), ("train", "lr", math.inf), ("crf", "bi_xy_std", math.inf),
+    ("dataset", "mean_bgr", [-math.inf, 1.0, 1.0]), ("crf", "bi_w", math.nan)])
+def test_infinite_or_nan_numbers_are_named(tmp_path, section, key, value):
+    """Probe: `model.scales: [.inf]` stopped load with a bare `OverflowError: cannot convert float infinity to
+    integer`; `train.lr`, `crf.bi_xy_std` and `dataset.mean_bgr` took .inf and ran on. (YAML writes .inf.)"""
+    path = write(tmp_path, {section: {key: value}})
+    assert ".inf" in path.read_text() or ".nan" in path.read_text()
+    with pytest.raises(ParamsError, match=rf"{section}\.{key}(\.\d)?: Input should be a finite number"):
+        load_params(path)
 
 
 def test_missing_and_malformed_file(tmp_path):
