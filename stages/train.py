@@ -51,9 +51,11 @@ def train(params: Annotated[Path, typer.Option(help="Params file to read (datase
         return
     with stage_run("train", p, params) as mlflow:
         mlflow.set_tag("deeplab.trained", str(t.iterations > 0).lower())  # false: the init weights, untrained
-        # CPU training is bit-identical only where torch picks the same kernels (AVX-512, AVX2, ...): the tag
-        # tells apart two runs of one commit on two kinds of machine (README: Results of the default pipeline).
+        # CPU training is bit-identical only where torch picks the same kernels (AVX-512, AVX2, ...) and splits
+        # their sums over as many threads (one per core by default): the tags tell apart two runs of one commit
+        # on two kinds of machine (README: Results of the default pipeline).
         mlflow.set_tag("torch.cpu_capability", torch.backends.cpu.get_cpu_capability())
+        mlflow.set_tag("torch.num_threads", torch.get_num_threads())
         if t.iterations == 0:  # evaluate-only: no processes are launched for it
             run_training(p.dataset, p.model, t, train_list, init, out, checkpoint, log_csv)
             final_loss = None

@@ -70,6 +70,7 @@ def test_mlflow_store_has_linked_runs(tiny_pipeline):
     final_md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "data/models/final.pt")
     assert train.data.tags["weights.final.md5"] == final_md5
     assert train.data.tags["torch.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert train.data.tags["torch.num_threads"] == str(torch.get_num_threads())  # the stage inherits OMP_NUM_THREADS
     ev = by_stage["evaluate@crf"].data.metrics
     crf_scores = json.loads((project / "metrics" / "crf" / "scores.json").read_text())
     assert ev["crf_mean_iou"] == pytest.approx(crf_scores["mean_iou"])
