@@ -8,6 +8,7 @@ which describe the reference ResNet-101 setup (``default_params``).
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import string
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deeplab.arch import atrous_rates_for
 
 PARAMS_FILE = Path("params.yaml")
+log = logging.getLogger(__name__)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -350,8 +352,10 @@ def min_crop_size(scales: tuple[float, ...], bn_batch: int | None = None) -> int
 
 
 class Params(Section):
-    # No defaults: every section must be in the file (see the module docstring).
-    seed: int
+    # No defaults: every section must be in the file (see the module docstring). The top-level ``seed`` of
+    # earlier params files was read by nothing (and no stage lists it): accepted, with a warning naming the
+    # seeds that are used.
+    seed: int | None = None
     dataset: DatasetConfig
     model: ModelConfig
     init: InitConfig
@@ -359,6 +363,13 @@ class Params(Section):
     logits: LogitsConfig
     crf: CrfConfig
     evaluate: EvaluateConfig
+
+    @model_validator(mode="after")
+    def _seed_is_read_by_nothing(self) -> Params:
+        if self.seed is not None:
+            log.warning("seed: %s is read by nothing and changes nothing; the seeds are dataset.synthetic.seed (the "
+                        "generated data), init.seed and train.seed: remove the top-level seed", self.seed)
+        return self
 
     @model_validator(mode="after")
     def _init_fits_arch(self) -> Params:
@@ -387,7 +398,7 @@ class Params(Section):
 def default_params() -> Params:
     """The built-in defaults of every section (ResNet-101, synthetic data): only for tools that may run
     without a params file (``deeplab predict``); stages always read a complete one."""
-    return Params(seed=0, dataset=DatasetConfig(), model=ModelConfig(), init=InitConfig(), train=TrainConfig(),
+    return Params(dataset=DatasetConfig(), model=ModelConfig(), init=InitConfig(), train=TrainConfig(),
                   logits=LogitsConfig(), crf=CrfConfig(), evaluate=EvaluateConfig())
 
 

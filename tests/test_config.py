@@ -1,3 +1,4 @@
+import logging
 import math
 import re
 
@@ -63,6 +64,19 @@ def test_infinite_or_nan_numbers_are_named(tmp_path, section, key, value):
         load_params(path)
 
 
+def test_top_level_seed_is_accepted_with_a_warning_naming_the_seeds_that_count(tmp_path, caplog):
+    """Probe: every params file had to hold a top-level `seed` that nothing read (no stage lists it either), so
+    `seed: 1` changed nothing, silently. It is accepted (older files keep loading) with a warning."""
+    caplog.set_level(logging.WARNING, logger="deeplab.config")
+    assert load_params(write(tmp_path, {"seed": 1})).seed == 1
+    assert "seed: 1 is read by nothing" in caplog.text
+    assert all(k in caplog.text for k in ("dataset.synthetic.seed", "init.seed", "train.seed"))
+    caplog.clear()
+    for path in (REPO / "params.yaml", *sorted((REPO / "presets").glob("*.yaml"))):
+        assert load_params(path).seed is None, path  # the project's own files no longer hold it
+    assert "seed" not in caplog.text
+
+
 def test_missing_and_malformed_file(tmp_path):
     with pytest.raises(ParamsError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
@@ -112,7 +126,7 @@ def test_empty_file_names_every_missing_section(tmp_path):
     path.write_text("")
     with pytest.raises(ParamsError) as e:
         load_params(path)
-    assert str(e.value) == (f"{path}: invalid parameters\n  missing sections: seed, dataset, model, init, train, "
+    assert str(e.value) == (f"{path}: invalid parameters\n  missing sections: dataset, model, init, train, "
                             "logits, crf, evaluate (every section must be in the file; params.yaml and presets/ are "
                             "complete examples)")
 
