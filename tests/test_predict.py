@@ -275,11 +275,11 @@ def test_resolve_params_rejects_a_partial_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     partial = tmp_path / "partial.yaml"
     partial.write_text(yaml.safe_dump({"model": {"n_blocks": [1, 1, 1, 1], "width": 8}}))
-    with pytest.raises(ParamsError, match=r"partial\.yaml: invalid parameters\n  missing sections: seed, dataset, "
+    with pytest.raises(ParamsError, match=r"partial\.yaml: invalid parameters\n  missing sections: dataset, "
                                           r"init, train, logits, crf, evaluate"):
         resolve_params(partial)
     (tmp_path / "params.yaml").write_text("")
-    with pytest.raises(ParamsError, match="params.yaml: invalid parameters\n  missing sections: seed, dataset, model"):
+    with pytest.raises(ParamsError, match="params.yaml: invalid parameters\n  missing sections: dataset, model"):
         resolve_params()
 
 
