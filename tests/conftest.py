@@ -26,6 +26,20 @@ PROTOTXT = SHARED / "fixtures" / "deeplab_v2_prototxt" / "deploy.prototxt"
 PROJECT_FILES = ["deeplab", "stages", "dvc.yaml", ".dvc/config", ".gitignore", "params.yaml"]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after (torch imported here: this
+    module is imported by every test process, most of which need no torch)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def tiny_params(**overrides: object) -> dict:
     """The default params shrunk so the whole pipeline runs in well under a minute of compute."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())

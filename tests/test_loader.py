@@ -1,8 +1,6 @@
 """The capstone's augmentation options in deeplab.loader (continuous scale range, Gaussian blur), seeded per
 draw, and the DeepLab v2 path they leave unchanged when off; crops that do not depend on the thread count."""
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from scipy.ndimage import gaussian_filter
 
 from deeplab.config import TrainConfig
 from deeplab.loader import Augment, augment, gaussian_blur
+from tests.conftest import torch_threads
 
 
 def _sample(h: int = 20, w: int = 24) -> tuple[torch.Tensor, np.ndarray]:
@@ -51,16 +50,6 @@ def test_options_off_leave_the_v2_augmentation_unchanged():
         assert torch.equal(got_i, want_i) and np.array_equal(got_l, want_l)
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("hw", [(20, 24), (80, 80), (128, 128), (375, 500)])
 def test_crops_are_the_same_on_one_thread_and_on_two(hw):
     """Probe: on one thread (a DataLoader worker, OMP_NUM_THREADS=1) torch resizes a 3-channel image with another
@@ -70,10 +59,10 @@ def test_crops_are_the_same_on_one_thread_and_on_two(hw):
     image, label = _sample(*hw)
     scales = (0.5, 0.75, 1.25, 1.5)
     aug = Augment(17, scales, True, 3)
-    with threads(2):
+    with torch_threads(2):
         want = [_v2_augment(image, label, 17, scales, 3, draw) for draw in range(10)]
     for n in (1, 2, 3):
-        with threads(n):
+        with torch_threads(n):
             got = [augment(image, label, aug, np.random.default_rng([3, draw])) for draw in range(10)]
         assert all(torch.equal(g[0], w[0]) and np.array_equal(g[1], w[1]) for g, w in zip(got, want, strict=True)), n
 

@@ -18,15 +18,14 @@ from deeplab.permutohedral import (
     mean_field,
     simplex,
 )
+from tests.conftest import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     # Many small ops: on a busy 2-core machine an OpenMP team waiting on a descheduled thread is far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def photo(name: str, size: tuple[int, int]) -> np.ndarray:

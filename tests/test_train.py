@@ -262,6 +262,7 @@ def test_data_loader_workers_change_no_weight(tmp_path):
     or worker (scale 1.5 of 80 px images: the resize that differed)."""
     from deeplab import synthetic
     from deeplab.data import voc_layout_items
+    from tests.conftest import torch_threads
 
     synthetic.generate(tmp_path / "raw", 4, 1, 80, 80, 4, seed=1)
     write_list(tmp_path / "train.txt", voc_layout_items(tmp_path / "raw", "train"))
@@ -269,16 +270,12 @@ def test_data_loader_workers_change_no_weight(tmp_path):
     model = build_model(4, m.n_blocks, m.width, m.atrous_rates, m.scales)
     init_from_scratch(model, 0)
     torch.save(model.state_dict(), tmp_path / "init.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for workers in (0, 1):
             t = TrainConfig(iterations=2, batch_size=2, iter_size=1, crop_size=33, scales=(1.5,),
                             num_workers=workers)
             train(d, m, t, tmp_path / "train.txt", tmp_path / "init.pt", tmp_path / f"w{workers}.pt",
                   tmp_path / f"ck{workers}.pt", tmp_path / f"log{workers}.csv")
-    finally:
-        torch.set_num_threads(threads)
     a, b = read_state_dict(tmp_path / "w0.pt"), read_state_dict(tmp_path / "w1.pt")
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     assert not torch.equal(a["base.layer1.conv1.conv.weight"], init["base.layer1.conv1.conv.weight"])  # trained
